@@ -1,0 +1,341 @@
+"""The graph IR shared by every stage: plain dataclasses holding numpy arrays.
+
+One `Graph` type carries both the ANN (activations are `Relu` nodes, optionally
+with a trained ceiling) and the converted SNN (activations are `IFNeuron` nodes,
+the output is a `Readout`). Shapes are per sample, channels first, without the
+batch dimension.
+
+The on-disk artifact is a directory holding `graph.json` (structure, attributes,
+preprocessing, schema version, sha256 of the tensors file) and `tensors.npz`
+(every numpy array, keyed `node_name/field`). Loading needs numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+
+SCHEMA_VERSION = 1
+GRAPH_FILE = "graph.json"
+TENSORS_FILE = "tensors.npz"
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class Node:
+    """Base of every IR node: a name, the names of its inputs, its output shape."""
+
+    name: str
+    inputs: list[str]
+    shape: Shape = ()
+    op: ClassVar[str] = "node"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        return input_shapes[0]
+
+
+@dataclass
+class Conv2d(Node):
+    weight: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1, 1), np.float32))
+    bias: np.ndarray | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    op: ClassVar[str] = "conv2d"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        _, h, w = input_shapes[0]
+        kh, kw = self.weight.shape[2:]
+        oh = _window_out(h + self.padding[0] + self.padding[2], kh, self.stride[0], self.dilation[0])
+        ow = _window_out(w + self.padding[1] + self.padding[3], kw, self.stride[1], self.dilation[1])
+        return (int(self.weight.shape[0]), oh, ow)
+
+
+@dataclass
+class Linear(Node):
+    weight: np.ndarray = field(default_factory=lambda: np.zeros((1, 1), np.float32))  # (out, in)
+    bias: np.ndarray | None = None
+    op: ClassVar[str] = "linear"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        return (int(self.weight.shape[0]),)
+
+
+@dataclass
+class AvgPool2d(Node):
+    kernel: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    count_include_pad: bool = True
+    op: ClassVar[str] = "avgpool2d"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        return _pool_shape(input_shapes[0], self.kernel, self.stride, self.padding)
+
+
+@dataclass
+class MaxPool2d(Node):
+    """In the SNN, a spiking max-pool: each step passes on the spikes of the input
+    with the highest spike count so far (Rueckauer et al., 2017)."""
+
+    kernel: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    op: ClassVar[str] = "maxpool2d"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        return _pool_shape(input_shapes[0], self.kernel, self.stride, self.padding)
+
+
+@dataclass
+class Flatten(Node):
+    op: ClassVar[str] = "flatten"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        return (int(math.prod(input_shapes[0])),)
+
+
+@dataclass
+class Add(Node):
+    """Element-wise sum of its inputs (residual connections)."""
+
+    op: ClassVar[str] = "add"
+
+
+@dataclass
+class Concat(Node):
+    """Concatenation along channels."""
+
+    op: ClassVar[str] = "concat"
+
+    def infer_shape(self, input_shapes: list[Shape]) -> Shape:
+        first = input_shapes[0]
+        return (sum(s[0] for s in input_shapes), *first[1:])
+
+
+@dataclass
+class Affine(Node):
+    """Per-channel `x * scale + shift` (a batch norm with nothing to fold into)."""
+
+    scale: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
+    op: ClassVar[str] = "affine"
+
+
+@dataclass
+class Relu(Node):
+    """ANN activation: `clip(x, 0, ceiling)`; ceiling None is a plain ReLU.
+
+    `levels` > 0 marks a QCFS activation (Bu et al., ICLR 2022):
+    `ceiling * clip(floor(x * levels / ceiling + 1/2) / levels, 0, 1)`.
+    """
+
+    ceiling: np.ndarray | None = None  # scalar or per channel
+    levels: int = 0
+    op: ClassVar[str] = "relu"
+
+
+@dataclass
+class IFNeuron(Node):
+    """Integrate-and-fire population with reset by subtraction.
+
+    Each step: v += input; spike where v >= threshold; v -= threshold on a spike.
+    The output carries `threshold` per spike, so the next layer's weights are the
+    ANN's own. `threshold` and `v0` are one value or one per channel.
+    """
+
+    threshold: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
+    v0: np.ndarray = field(default_factory=lambda: np.full(1, 0.5, np.float32))
+    op: ClassVar[str] = "if"
+
+
+@dataclass
+class Readout(Node):
+    """Non-spiking output layer: accumulates its input; the class is the argmax."""
+
+    op: ClassVar[str] = "readout"
+
+
+NODE_TYPES: dict[str, type[Node]] = {
+    cls.op: cls
+    for cls in (Conv2d, Linear, AvgPool2d, MaxPool2d, Flatten, Add, Concat, Affine, Relu, IFNeuron, Readout)
+}
+SYNAPSE_OPS = ("conv2d", "linear")
+
+
+@dataclass
+class Preprocess:
+    """How raw samples become the network's input: `(x * scale - mean) / std` per channel."""
+
+    scale: float = 1.0
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    layout: str = "NCHW"
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Raw batch (N, C, H, W) or (N, F) -> float32 network input."""
+        x = x.astype(np.float32) * np.float32(self.scale)
+        channel_shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = np.asarray(self.mean, np.float32).reshape(channel_shape)
+        std = np.asarray(self.std, np.float32).reshape(channel_shape)
+        return (x - mean) / std
+
+
+@dataclass
+class Graph:
+    input_name: str
+    input_shape: Shape
+    nodes: list[Node]
+    output: str
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_snn(self) -> bool:
+        return any(isinstance(n, IFNeuron) for n in self.nodes)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def shape_of(self, name: str) -> Shape:
+        return self.input_shape if name == self.input_name else self.node(name).shape
+
+    def consumers(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if name in n.inputs]
+
+    def infer_shapes(self) -> None:
+        """Fill every node's `shape` from the input shape, in topological order."""
+        shapes: dict[str, Shape] = {self.input_name: tuple(self.input_shape)}
+        for n in self.nodes:
+            n.shape = tuple(int(d) for d in n.infer_shape([shapes[i] for i in n.inputs]))
+            shapes[n.name] = n.shape
+
+    def num_params(self, node: Node) -> int:
+        return sum(int(v.size) for v in _arrays(node).values())
+
+
+def _window_out(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pool_shape(shape: Shape, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, ...]) -> Shape:
+    c, h, w = shape
+    return (
+        c,
+        _window_out(h + padding[0] + padding[2], kernel[0], stride[0]),
+        _window_out(w + padding[1] + padding[3], kernel[1], stride[1]),
+    )
+
+
+def _arrays(node: Node) -> dict[str, np.ndarray]:
+    return {
+        f.name: getattr(node, f.name)
+        for f in dataclasses.fields(node)
+        if isinstance(getattr(node, f.name), np.ndarray)
+    }
+
+
+# ---------------------------------------------------------------- artifact I/O
+
+
+def _node_to_json(node: Node) -> dict[str, Any]:
+    record: dict[str, Any] = {"op": node.op}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, np.ndarray):
+            record[f.name] = {"tensor": f"{node.name}/{f.name}"}
+        elif isinstance(value, tuple):
+            record[f.name] = list(value)
+        else:
+            record[f.name] = value
+    return record
+
+
+def _node_from_json(record: dict[str, Any], tensors: dict[str, np.ndarray]) -> Node:
+    cls = NODE_TYPES.get(record["op"])
+    if cls is None:
+        raise ToolchainError(f"unknown node op {record['op']!r} in artifact (written by a newer toolchain?)")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in record:
+            continue
+        value = record[f.name]
+        if isinstance(value, dict) and "tensor" in value:
+            value = tensors[value["tensor"]]
+        elif isinstance(value, list) and f.name != "inputs":
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def graph_to_json(graph: Graph) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "input_name": graph.input_name,
+        "input_shape": list(graph.input_shape),
+        "output": graph.output,
+        "preprocess": dataclasses.asdict(graph.preprocess),
+        "meta": graph.meta,
+        "nodes": [_node_to_json(n) for n in graph.nodes],
+    }
+
+
+def graph_tensors(graph: Graph) -> dict[str, np.ndarray]:
+    return {f"{n.name}/{k}": v for n in graph.nodes for k, v in _arrays(n).items()}
+
+
+def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write the artifact atomically: into a temporary sibling, then renamed into place."""
+    from toolchain.fileio import atomic_directory
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **graph_tensors(graph))
+    tensor_bytes = buffer.getvalue()
+    document = graph_to_json(graph)
+    document["checksums"] = {TENSORS_FILE: hashlib.sha256(tensor_bytes).hexdigest()}
+    files = {GRAPH_FILE: json.dumps(document, indent=1).encode(), TENSORS_FILE: tensor_bytes}
+    files.update(extra_files or {})
+    return atomic_directory(Path(directory), files)
+
+
+def load_graph(directory: str | Path) -> Graph:
+    directory = Path(directory)
+    graph_path = directory / GRAPH_FILE
+    if not graph_path.is_file():
+        raise ToolchainError(f"{directory}: not a toolchain artifact (no {GRAPH_FILE}); run `toolchain build` first")
+    try:
+        document = json.loads(graph_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolchainError(f"{graph_path}: corrupt graph file ({exc})") from None
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ToolchainError(f"{graph_path}: schema version {version}, this toolchain reads {SCHEMA_VERSION}; rebuild it")
+    tensor_bytes = (directory / TENSORS_FILE).read_bytes()
+    expected = document.get("checksums", {}).get(TENSORS_FILE)
+    if expected != hashlib.sha256(tensor_bytes).hexdigest():
+        raise ToolchainError(f"{directory / TENSORS_FILE}: checksum mismatch, the artifact is damaged; rebuild it")
+    with np.load(io.BytesIO(tensor_bytes)) as archive:
+        tensors = {k: archive[k] for k in archive.files}
+    return Graph(
+        input_name=document["input_name"],
+        input_shape=tuple(document["input_shape"]),
+        nodes=[_node_from_json(r, tensors) for r in document["nodes"]],
+        output=document["output"],
+        preprocess=Preprocess(**document["preprocess"]),
+        meta=document.get("meta", {}),
+    )
