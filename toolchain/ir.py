@@ -87,8 +87,8 @@ class AvgPool2d(Node):
 
 @dataclass
 class MaxPool2d(Node):
-    """In the SNN, a spiking max-pool: each step passes on the spikes of the input
-    with the highest spike count so far (Rueckauer et al., 2017)."""
+    """In the SNN, a spiking max-pool: it spikes whenever the highest spike count in its
+    window grows, so its count is the max of its inputs' counts (after Rueckauer et al., 2017)."""
 
     kernel: tuple[int, int] = (2, 2)
     stride: tuple[int, int] = (2, 2)
@@ -177,16 +177,20 @@ SYNAPSE_OPS = ("conv2d", "linear")
 
 @dataclass
 class Preprocess:
-    """How raw samples become the network's input: `(x * scale - mean) / std` per channel."""
+    """How raw samples become the network's input: `(x * scale - mean) / std` per channel.
 
-    scale: float = 1.0
+    `scale` None means 1/255 for uint8 data and 1 otherwise.
+    """
+
+    scale: float | None = None
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     layout: str = "NCHW"
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Raw batch (N, C, H, W) or (N, F) -> float32 network input."""
-        x = x.astype(np.float32) * np.float32(self.scale)
+        scale = self.scale if self.scale is not None else (1 / 255 if x.dtype == np.uint8 else 1.0)
+        x = x.astype(np.float32) * np.float32(scale)
         channel_shape = (1, -1) + (1,) * (x.ndim - 2)
         mean = np.asarray(self.mean, np.float32).reshape(channel_shape)
         std = np.asarray(self.std, np.float32).reshape(channel_shape)

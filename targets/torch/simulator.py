@@ -140,12 +140,13 @@ def _maxpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.T
     padded, symmetric = _pad(_merge(x), n.padding, value=float("-inf"))
     if x.shape[0] == 1:  # constant over time (ANN, or pooling the analog input): a plain max
         return _split(F.max_pool2d(padded, n.kernel, n.stride, symmetric or 0), 1)
-    # Spiking max-pool: at each step pass on the input with the highest count so far.
+    # Spiking max-pool: emit a spike whenever the highest spike count in the window grows,
+    # so the output count is always the max of the input counts (Rueckauer et al. 2017
+    # gate on the leading input instead; near-equal inputs firing in turn then make that
+    # gate over- or under-count by a whole rate, while this stays within one spike).
     counts, _ = _pad(_merge(torch.cumsum(x, dim=0)), n.padding, value=float("-inf"))
-    _, index = F.max_pool2d(counts, n.kernel, n.stride, symmetric or 0, return_indices=True)
-    flat = padded.flatten(2)
-    y = torch.gather(flat, 2, index.flatten(2)).reshape(index.shape)
-    return _split(y, x.shape[0])
+    running_max = _split(F.max_pool2d(counts, n.kernel, n.stride, symmetric or 0), x.shape[0])
+    return torch.diff(running_max, dim=0, prepend=torch.zeros_like(running_max[:1]))
 
 
 def _flatten(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:

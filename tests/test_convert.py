@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+
+from targets.torch.simulator import TorchExecutor, make_target, run_ann
+from tests.conftest import make_ann
+from toolchain import ir
+from toolchain.calibrate import ThresholdSpec, compute_thresholds, optimise_v0
+from toolchain.convert import ConversionOptions, ann_view, convert, replace_maxpool
+from toolchain.errors import ToolchainError
+
+
+def _snn_output(snn: ir.Graph, x: np.ndarray, steps: int) -> np.ndarray:
+    target = make_target(device="cpu")
+    target.prepare(snn)
+    return target.run(x, steps).readout[-1] / steps
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_snn_rate_approaches_ann_output_at_large_T(inputs, per_channel):
+    ann = make_ann(per_channel=per_channel)
+    snn = convert(ann, compute_thresholds(ann, ThresholdSpec("ceiling")))
+    expected = run_ann(ann, inputs, device="cpu")
+    got = _snn_output(snn, inputs, 2048)
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def test_spiking_maxpool_converges_to_the_ann_max(inputs):
+    ann = make_ann(pool="max")
+    snn = convert(ann, compute_thresholds(ann, ThresholdSpec("ceiling")))
+    expected = run_ann(ann, inputs, device="cpu")
+    got = _snn_output(snn, inputs, 2048)
+    assert np.abs(got - expected).max() < 0.03 * np.abs(expected).max()
+
+
+def test_maxpool_policies(caplog):
+    ann = make_ann(pool="max")
+    assert replace_maxpool(ann, "spiking") is ann
+    averaged = replace_maxpool(ann, "avg")
+    assert isinstance(averaged.node("pool1"), ir.AvgPool2d)
+    assert "pool1" in caplog.text
+    with pytest.raises(ToolchainError, match="pool1"):
+        replace_maxpool(ann, "error")
+
+
+def test_if_neuron_spike_count_matches_the_closed_form():
+    """floor((z*T + v0) / theta) spikes for a constant input z, clipped to [0, T]."""
+    theta, steps = 1.0, 16
+    z = np.linspace(-0.2, 1.3, 31, dtype=np.float32)
+    for v0 in (0.0, 0.5):
+        node = ir.IFNeuron("n", ["x"], (31,), threshold=np.array([theta], np.float32), v0=np.array([v0], np.float32))
+        graph = ir.Graph("x", (31,), [node, ir.Readout("r", ["n"], (31,))], "r")
+        out = TorchExecutor(graph, "cpu").run(torch.as_tensor(z[None]), steps)[-1, 0].numpy()
+        expected = np.clip(np.floor((z * steps + v0) / theta), 0, steps) * theta
+        np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("percentile", [100.0, 99.9, 99.0])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_percentile_thresholds_are_exact(inputs, percentile, per_channel):
+    ann = make_ann(ceiling=None)
+    spec = ThresholdSpec("max" if percentile == 100 else "percentile", percentile, per_channel)
+    batches = [inputs[:20], inputs[20:45], inputs[45:]]
+    got = compute_thresholds(ann, spec, batches, len(inputs), "cpu").values["act1"]
+    captured = {}
+    TorchExecutor(ann, "cpu").run(torch.as_tensor(inputs), 1, lambda n, v: captured.setdefault(n.name, v[-1].numpy()))
+    values = captured["act1"]  # (N, C, H, W)
+    values = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1) if per_channel else values.reshape(1, -1)
+    k = int(np.floor(values.shape[1] * (100 - percentile) / 100)) + 1
+    expected = np.sort(values, axis=1)[:, -k]
+    np.testing.assert_allclose(got, np.where(expected > 0, expected, got), rtol=1e-6)
+
+
+def test_threshold_spec_parsing():
+    assert ThresholdSpec.parse("p99.99").percentile == 99.99
+    assert ThresholdSpec.parse("max").method == "max"
+    for bad in ("p", "p101", "median", "99"):
+        with pytest.raises(ToolchainError):
+            ThresholdSpec.parse(bad)
+
+
+def test_ceiling_thresholds_need_ceilings():
+    with pytest.raises(ToolchainError, match="no trained ceiling"):
+        compute_thresholds(make_ann(ceiling=None), ThresholdSpec("ceiling"))
+    with pytest.raises(ToolchainError, match="--calib"):
+        compute_thresholds(make_ann(ceiling=None), ThresholdSpec("auto"))
+
+
+def test_v0_modes_and_readout(inputs):
+    ann = make_ann()
+    thresholds = compute_thresholds(ann, ThresholdSpec("ceiling"))
+    zero = convert(ann, thresholds, ConversionOptions(v0="zero"))
+    half = convert(ann, thresholds, ConversionOptions(v0="half"))
+    assert all(float(n.v0.max()) == 0 for n in zero.nodes if isinstance(n, ir.IFNeuron))
+    assert all(np.allclose(n.v0, n.threshold / 2) for n in half.nodes if isinstance(n, ir.IFNeuron))
+    assert isinstance(half.node(half.output), ir.Readout)
+    assert ann_view(half).output == ann.output
+
+
+def test_optimal_v0_is_no_worse_than_half_on_its_own_data(inputs):
+    ann = make_ann()
+    thresholds = compute_thresholds(ann, ThresholdSpec("ceiling"))
+    steps = 8
+    expected = run_ann(ann, inputs, device="cpu")
+    half = convert(ann, thresholds)
+    optimal = convert(ann, thresholds)
+    fractions = optimise_v0(optimal, ann, inputs, steps, "cpu")
+    assert set(fractions) == {"act1", "act2", "act3"}
+    err_half = np.mean((_snn_output(half, inputs, steps) - expected) ** 2)
+    err_optimal = np.mean((_snn_output(optimal, inputs, steps) - expected) ** 2)
+    assert err_optimal <= err_half * 1.05

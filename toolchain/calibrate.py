@@ -1,0 +1,211 @@
+"""Thresholds and initial potentials for the IF neurons that replace the ANN's activations.
+
+Thresholds (`--threshold`):
+  ceiling  the trained activation ceiling of a clipped ReLU (theta = lambda, Bu et al. 2022)
+  max      the largest activation seen on the calibration set
+  pXX.XX   a high percentile of the activations on the calibration set (robust to outliers)
+  auto     the ceiling where the ANN has one, p99.99 elsewhere
+
+Percentiles are exact and memory-bounded: for each layer we keep only the top-k values
+seen so far, where k is the number of values above the percentile in the whole set.
+
+Initial potentials (`--v0`): `zero`, `half` (theta/2, the paper's optimum under a uniform
+error assumption) or `optimal`, a per-layer search for the fraction of theta that minimises
+the measured gap between the SNN's firing rate x theta and the ANN's activation at a chosen T.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from targets.torch.simulator import OPS, CompiledNode, TorchExecutor
+from toolchain import ir
+from toolchain.errors import ToolchainError
+
+log = logging.getLogger(__name__)
+
+V0_GRID = np.round(np.linspace(0.0, 1.0, 21), 3)
+
+
+@dataclass
+class ThresholdSpec:
+    method: str  # "auto" | "ceiling" | "max" | "percentile"
+    percentile: float = 99.99
+    per_channel: bool = False
+
+    @classmethod
+    def parse(cls, text: str, per_channel: bool = False) -> ThresholdSpec:
+        if text in ("auto", "ceiling", "max"):
+            return cls(text, per_channel=per_channel)
+        match = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?|100)", text)
+        if not match or not 0 < float(match.group(1)) <= 100:
+            raise ToolchainError(f"--threshold {text!r}: use auto, ceiling, max or pXX.XX (for example p99.99)")
+        return cls("percentile", float(match.group(1)), per_channel)
+
+    def describe(self) -> str:
+        return f"p{self.percentile:g}" if self.method == "percentile" else self.method
+
+
+@dataclass
+class Thresholds:
+    values: dict[str, np.ndarray]  # activation node name -> theta, shape (1,) or (C,)
+    source: dict[str, str] = field(default_factory=dict)  # node name -> how it was obtained
+
+
+def activations(graph: ir.Graph) -> list[ir.Relu]:
+    return [n for n in graph.nodes if isinstance(n, ir.Relu)]
+
+
+def needs_data(graph: ir.Graph, spec: ThresholdSpec) -> bool:
+    if spec.method == "ceiling":
+        return False
+    if spec.method == "auto":
+        return any(n.ceiling is None for n in activations(graph))
+    return True
+
+
+def compute_thresholds(
+    graph: ir.Graph,
+    spec: ThresholdSpec,
+    batches: Iterable[np.ndarray] | None = None,
+    num_samples: int = 0,
+    device: str = "auto",
+) -> Thresholds:
+    """theta for every `Relu` of the ANN graph; `batches` are preprocessed calibration inputs."""
+    result = Thresholds({})
+    data_layers: list[ir.Relu] = []
+    for node in activations(graph):
+        use_ceiling = spec.method == "ceiling" or (spec.method == "auto" and node.ceiling is not None)
+        if node.levels > 0 and spec.method == "auto":
+            use_ceiling = True
+        if use_ceiling:
+            if node.ceiling is None:
+                raise ToolchainError(
+                    f"node {node.name!r} (Relu) has no trained ceiling, so --threshold ceiling cannot apply; "
+                    "use --threshold auto, max or p99.99 with --calib DATA"
+                )
+            result.values[node.name] = np.asarray(node.ceiling, np.float32).reshape(-1)
+            result.source[node.name] = "ceiling"
+        else:
+            data_layers.append(node)
+    if data_layers:
+        if batches is None:
+            names = ", ".join(n.name for n in data_layers[:3])
+            raise ToolchainError(
+                f"activations {names} have no trained ceiling: thresholds need calibration data; pass --calib DATA"
+            )
+        percentile = 100.0 if spec.method == "max" else spec.percentile
+        stats = _percentile_thresholds(graph, data_layers, batches, num_samples, percentile, spec.per_channel, device)
+        label = "max" if percentile >= 100 else f"p{percentile:g}"
+        for node in data_layers:
+            result.values[node.name] = stats[node.name]
+            result.source[node.name] = label + (" per channel" if spec.per_channel else "")
+    for name, theta in result.values.items():
+        if not np.all(np.isfinite(theta)):
+            raise ToolchainError(f"node {name!r}: calibration produced a non-finite threshold; check the data")
+        if np.any(theta <= 0):
+            # A channel that never activates on the calibration set never needs to fire.
+            top = float(theta.max()) if theta.max() > 0 else 1.0
+            log.warning("node %s: %d channel(s) never active on calibration data", name, int((theta <= 0).sum()))
+            result.values[name] = np.where(theta > 0, theta, top).astype(np.float32)
+    return result
+
+
+class _TopK:
+    """Running top-k of a layer's activations (per channel or whole layer)."""
+
+    def __init__(self, k: int):
+        self.k = max(1, k)
+        self.best: torch.Tensor | None = None
+
+    def update(self, values: torch.Tensor) -> None:  # values: (groups, n)
+        if self.best is not None:
+            values = torch.cat([self.best, values], dim=1)
+        k = min(self.k, values.shape[1])
+        self.best = torch.topk(values, k, dim=1, sorted=False).values
+
+    def smallest(self) -> torch.Tensor:
+        assert self.best is not None
+        return self.best.min(dim=1).values
+
+
+def _percentile_thresholds(
+    graph: ir.Graph,
+    layers: list[ir.Relu],
+    batches: Iterable[np.ndarray],
+    num_samples: int,
+    percentile: float,
+    per_channel: bool,
+    device: str,
+) -> dict[str, np.ndarray]:
+    executor = TorchExecutor(graph, device)
+    tops: dict[str, _TopK] = {}
+    for node in layers:
+        per_group = num_samples * math.prod(node.shape) // (node.shape[0] if per_channel else 1)
+        tops[node.name] = _TopK(math.floor(per_group * (100.0 - percentile) / 100.0) + 1)
+    wanted = {n.name for n in layers}
+
+    def observe(node: ir.Node, value: torch.Tensor) -> None:
+        if node.name in wanted:
+            x = value[-1]  # (B, C, ...) or (B, F)
+            grouped = x.transpose(0, 1).reshape(x.shape[1], -1) if per_channel else x.reshape(1, -1)
+            tops[node.name].update(grouped.float())
+
+    for batch in batches:
+        executor.run(torch.as_tensor(batch), steps=1, observe=observe)
+    return {name: top.smallest().cpu().numpy().astype(np.float32) for name, top in tops.items()}
+
+
+# ---------------------------------------------------------------- initial potential
+
+
+def optimise_v0(snn: ir.Graph, ann: ir.Graph, x: np.ndarray, steps: int, device: str = "auto") -> dict[str, float]:
+    """Per IF layer, the fraction of theta for v0 that minimises the SNN-vs-ANN error at `steps`.
+
+    Layers are set greedily in order: each layer's search sees the spikes of the layers
+    before it with their chosen v0, so errors that accumulate through depth are accounted for.
+    Returns node name -> chosen fraction; the graph's IFNeuron nodes are updated in place.
+    """
+    ann_values: dict[str, torch.Tensor] = {}
+    ann_exec = TorchExecutor(ann, device)
+
+    def keep(node: ir.Node, value: torch.Tensor) -> None:
+        if isinstance(node, ir.Relu):
+            ann_values[node.name] = value[-1]
+
+    xt = torch.as_tensor(x)
+    ann_exec.run(xt, steps=1, observe=keep)
+
+    snn_exec = TorchExecutor(snn, device)
+    chosen: dict[str, float] = {}
+    values: dict[str, torch.Tensor] = {snn.input_name: xt.to(snn_exec.device).unsqueeze(0)}
+    with torch.inference_mode():
+        for compiled in snn_exec.compiled:
+            node = compiled.node
+            args = [values[name] for name in node.inputs]
+            if isinstance(node, ir.IFNeuron) and node.name in ann_values:
+                chosen[node.name] = _search_fraction(compiled, args, steps, ann_values[node.name])
+                node.v0 = (np.asarray(node.threshold, np.float32) * chosen[node.name]).astype(np.float32)
+                compiled.tensors["v0"] = torch.as_tensor(node.v0, device=snn_exec.device)
+            values[node.name] = OPS[node.op](compiled, args, steps)
+    return chosen
+
+
+def _search_fraction(compiled: CompiledNode, args: list[torch.Tensor], steps: int, target: torch.Tensor) -> float:
+    theta = compiled.tensors["threshold"]
+    target = torch.minimum(target, theta.reshape((-1,) + (1,) * (target.ndim - 2)) if theta.numel() > 1 else theta)
+    best, best_error = 0.5, math.inf
+    for fraction in V0_GRID:
+        compiled.tensors["v0"] = theta * float(fraction)
+        rate = OPS["if"](compiled, args, steps).mean(dim=0)
+        error = float(torch.mean((rate - target) ** 2))
+        if error < best_error - 1e-12:
+            best, best_error = float(fraction), error
+    return best

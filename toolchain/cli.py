@@ -1,0 +1,208 @@
+"""`toolchain` command line: build, eval, inspect, report, export.
+
+Every user-facing failure is a `ToolchainError`: printed as one line on stderr, exit 2,
+no traceback, nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import ToolchainError
+
+DEFAULT_STEPS = "1,2,4,8,16,32,64"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_preprocess_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", type=float, help="multiply raw inputs by this (default: model metadata, else 1/255 for uint8)")
+    parser.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling, e.g. 0.4914,0.4822,0.4465")
+    parser.add_argument("--std", type=_floats, help="per-channel std divided after subtracting the mean")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--batch-size", type=int, default=128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolchain", description="Convert ONNX ANNs into low-latency spiking networks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="ONNX model -> calibrated SNN artifact")
+    build.add_argument("model", type=Path, help="the trained ANN as an ONNX file")
+    build.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
+    build.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write")
+    build.add_argument("--calib", type=Path, help="calibration data (IDX folder, CIFAR folder/.tar.gz, .npz)")
+    build.add_argument("--calib-split", default="train", choices=("train", "test"))
+    build.add_argument("--calib-size", type=int, default=1000, help="calibration samples (spread over the split)")
+    build.add_argument("--threshold", default="auto", help="auto | ceiling | max | pXX.XX (default auto: ceilings, else p99.99)")
+    build.add_argument("--per-channel", action="store_true", help="one threshold per channel instead of per layer")
+    build.add_argument("--v0", default="half", choices=("zero", "half", "optimal"), help="initial membrane potential")
+    build.add_argument("--v0-T", dest="v0_steps", type=int, default=16, help="time steps the optimal v0 search aims at")
+    build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
+    build.add_argument("-T", "--steps", type=int, default=32, help="time steps for fixed-point checks (lava target)")
+    build.add_argument("--data", type=Path, help="test data for --validate and the accuracy summary")
+    build.add_argument("--validate", type=int, default=0, metavar="N", help="lava: compare N samples spike for spike")
+    build.add_argument("--report", action="store_true", help="also write a report (needs --data)")
+    _add_preprocess_flags(build)
+    _add_run_flags(build)
+
+    evaluate = commands.add_parser("eval", help="accuracy of an artifact at each T, beside the ANN")
+    evaluate.add_argument("artifact", type=Path)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--split", default="test", choices=("train", "test"))
+    evaluate.add_argument("-T", "--steps", default=DEFAULT_STEPS, help=f"comma-separated time steps (default {DEFAULT_STEPS})")
+    evaluate.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
+    evaluate.add_argument("--limit", type=int, help="only the first N samples")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
+    _add_preprocess_flags(evaluate)
+    _add_run_flags(evaluate)
+
+    inspect = commands.add_parser("inspect", help="table of an artifact's layers")
+    inspect.add_argument("artifact", type=Path)
+    inspect.add_argument("--json", action="store_true")
+
+    commands.add_parser("export", help="torch model -> ONNX (see `toolchain export --help`)", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from toolchain.build import BuildOptions, build_snn, write_artifact
+
+    options = BuildOptions(
+        model=args.model,
+        out=args.out,
+        target=args.target,
+        calib=args.calib,
+        calib_split=args.calib_split,
+        calib_size=args.calib_size,
+        threshold=args.threshold,
+        per_channel=args.per_channel,
+        v0=args.v0,
+        v0_steps=args.v0_steps,
+        maxpool=args.maxpool,
+        steps=args.steps,
+        scale=args.scale,
+        mean=args.mean,
+        std=args.std,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    if (args.validate or args.report) and args.data is None:
+        raise ToolchainError("--validate and --report run test samples: pass --data DATA")
+    result = build_snn(options)
+    out = write_artifact(result, options)
+    print(f"wrote {out} ({len(result.snn.nodes)} nodes, target {args.target})")
+    for layer in result.log["layers"]:
+        print(
+            f"  {layer['name']:<28} theta {layer['threshold_min']:.4g}..{layer['threshold_max']:.4g}"
+            f"  v0 {layer['v0_fraction']:.2f} theta  ({layer['source']})"
+        )
+    return 0
+
+
+def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    from toolchain.build import apply_preprocess_overrides
+    from toolchain.data import load_dataset
+    from toolchain.ir import load_graph
+
+    graph = load_graph(args.artifact)
+    graph.preprocess = apply_preprocess_overrides(graph.preprocess, args.scale, args.mean, args.std)
+    data = load_dataset(args.data, args.split).subset(args.limit)
+    return graph, data
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from targets.base import get_target
+    from toolchain.build import ANN_FILE
+    from toolchain.evaluate import evaluate, parse_steps
+    from toolchain.reference import OnnxReference
+
+    steps = parse_steps(args.steps)
+    graph, data = _load_artifact_and_data(args)
+    target = get_target(args.target, device=args.device, artifact=args.artifact)
+    target.prepare(graph)
+    ann_path = args.artifact / ANN_FILE
+    ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
+    result = evaluate(
+        target, data, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+        progress=False if args.json else None, label=f"{args.target} T={max(steps)}",
+    )
+    if args.json:
+        print(json.dumps({"artifact": str(args.artifact), "target": args.target, **result.to_json()}, indent=1))
+    else:
+        print(format_eval_table(result, f"{args.artifact} on {data.source}, target {args.target}"))
+    return 0
+
+
+def format_eval_table(result: Any, title: str) -> str:
+    lines = [title, f"samples: {result.samples}"]
+    ann = result.ann_accuracy()
+    if ann is not None:
+        lines.append(f"ANN accuracy (onnxruntime): {100 * ann:.2f} %")
+    lines.append(f"{'T':>5} {'SNN acc %':>10} {'SNN-ANN':>8} {'agree %':>8} {'spikes/sample':>14}")
+    for t, accuracy in result.snn_accuracy().items():
+        gap = f"{100 * (accuracy - ann):+.2f}" if ann is not None else "-"
+        agree = f"{100 * result.agreement[t] / max(1, result.samples):.2f}" if result.agreement else "-"
+        spikes = sum(result.spikes_per_sample(t).values())
+        lines.append(f"{t:>5} {100 * accuracy:>10.2f} {gap:>8} {agree:>8} {spikes:>14.1f}")
+    lines.append(f"({result.seconds:.1f} s)")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from toolchain.inspect import format_rows, inspect_rows
+    from toolchain.ir import load_graph
+
+    graph = load_graph(args.artifact)
+    rows = inspect_rows(graph)
+    print(json.dumps(rows, indent=1) if args.json else format_rows(graph, rows))
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    from exporters.__main__ import main as export_main
+
+    return export_main(argv)
+
+
+COMMANDS = {"build": cmd_build, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "export":
+            return cmd_export(argv[1:])
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+        )
+        return COMMANDS[args.command](args)
+    except ToolchainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

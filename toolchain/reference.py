@@ -1,0 +1,33 @@
+"""The ANN itself, run by onnxruntime on the original ONNX file: the accuracy to match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+
+
+class OnnxReference:
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ToolchainError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.input = self.session.get_inputs()[0]
+        batch_dim = self.input.shape[0] if self.input.shape else None
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)
+        if self.fixed_batch in (None, len(x)):
+            return self.session.run(None, {self.input.name: x})[0]
+        size = self.fixed_batch
+        if len(x) % size:
+            raise ToolchainError(f"the ONNX model takes batches of exactly {size}; use --batch-size {size}")
+        return np.concatenate([self.session.run(None, {self.input.name: x[i : i + size]})[0] for i in range(0, len(x), size)])
