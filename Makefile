@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, build the shipped MNIST model for Lava, validate it, report
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3.10
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= build/mnist-lava
+
+.PHONY: demo test lint lock bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/toolchain build models/mnist_cnn.onnx --target lava -T 32 \
+		--data models/data/mnist --validate 20 --report -o $(DEMO_OUT)
+	$(VENV)/bin/toolchain eval $(DEMO_OUT) --data models/data/mnist -T 1,2,4,8,16,32 --target loihi
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# Regenerate the pinned set after changing dependencies (Python 3.10, Lava included).
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | sed '1i # Pinned set for Python 3.10 (the project interpreter, Lava included). Regenerate with `make lock`.' > requirements.lock
+
+clean:
+	rm -rf $(VENV) build
