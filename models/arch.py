@@ -1,0 +1,157 @@
+"""Architectures built for conversion: average pooling only, an activation after every
+conv/linear except the last, no max pooling, no dropout at inference.
+
+Every builder takes `(in_channels, num_classes, act, input_size)` where `act` is a
+factory of activation modules (see `models.layers.make_act`) and `input_size` the side
+of the square input image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from models.layers import make_act
+
+Act = Callable[[], nn.Module]
+
+# default input side for each architecture
+DEFAULT_INPUT_SIZE = {"cnn_small": 28, "vgg_small": 28, "vgg16": 32, "resnet20": 32, "resnet18": 32}
+
+
+def cnn_small(in_channels: int = 1, num_classes: int = 10, act: Act | None = None, input_size: int = 28) -> nn.Module:
+    """Two 5x5 convs with 2x2 average pooling and a hidden linear layer (about 0.2 M parameters)."""
+    act = act or make_act("clip")
+    side = input_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 5, padding=2),
+        act(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2),
+        act(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * side * side, 128),
+        act(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _conv_bn(in_channels: int, out_channels: int, act: Act) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), act()]
+
+
+def vgg_small(
+    in_channels: int = 1, num_classes: int = 10, act: Act | None = None, input_size: int = 28, width: int = 32
+) -> nn.Module:
+    """VGG-style for 28x28: w-w-pool-2w-2w-pool-4w 3x3 convs with BN, then a linear classifier."""
+    act = act or make_act("clip")
+    w = width
+    layers: list[nn.Module] = []
+    layers += _conv_bn(in_channels, w, act) + _conv_bn(w, w, act) + [nn.AvgPool2d(2)]
+    layers += _conv_bn(w, 2 * w, act) + _conv_bn(2 * w, 2 * w, act) + [nn.AvgPool2d(2)]
+    layers += _conv_bn(2 * w, 4 * w, act) + [nn.AvgPool2d(2)]
+    side = input_size // 8
+    layers += [nn.Flatten(), nn.Linear(4 * w * side * side, num_classes)]
+    return nn.Sequential(*layers)
+
+
+VGG16_CFG = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
+
+
+def vgg16(in_channels: int = 3, num_classes: int = 10, act: Act | None = None, input_size: int = 32) -> nn.Module:
+    """VGG-16 for CIFAR: 13 3x3 convs with BN, average pooling, 512-512-classes classifier."""
+    act = act or make_act("clip")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in VGG16_CFG:
+        if item == "P":
+            layers.append(nn.AvgPool2d(2))
+        else:
+            layers += _conv_bn(channels, int(item), act)
+            channels = int(item)
+    side = input_size // 32
+    layers += [nn.Flatten(), nn.Linear(512 * side * side, 512), act(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-act-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then act."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, act: Act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.act1 = act()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        self.act2 = act()
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        act: Act,
+        widths: tuple[int, ...],
+        blocks: int,
+        input_size: int,
+    ):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(in_channels, widths[0], act))
+        stages: list[nn.Module] = []
+        channels = widths[0]
+        for index, width in enumerate(widths):
+            for block in range(blocks):
+                stride = 2 if index > 0 and block == 0 else 1
+                stages.append(BasicBlock(channels, width, stride, act))
+                channels = width
+        self.layers = nn.Sequential(*stages)
+        side = input_size // 2 ** (len(widths) - 1)
+        self.pool = nn.AvgPool2d(side)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))
+
+
+def resnet20(in_channels: int = 3, num_classes: int = 10, act: Act | None = None, input_size: int = 32) -> nn.Module:
+    """CIFAR ResNet-20 (He et al. 2016): 16-32-64 channels, 3 basic blocks per stage."""
+    return ResNet(in_channels, num_classes, act or make_act("clip"), (16, 32, 64), 3, input_size)
+
+
+def resnet18(in_channels: int = 3, num_classes: int = 10, act: Act | None = None, input_size: int = 32) -> nn.Module:
+    """CIFAR ResNet-18: 3x3 stem without max pooling, 64-128-256-512 channels, 2 blocks per stage."""
+    return ResNet(in_channels, num_classes, act or make_act("clip"), (64, 128, 256, 512), 2, input_size)
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "cnn_small": cnn_small,
+    "vgg_small": vgg_small,
+    "vgg16": vgg16,
+    "resnet20": resnet20,
+    "resnet18": resnet18,
+}
+
+
+def build(
+    arch: str, in_channels: int, num_classes: int, act: Act | None = None, input_size: int | None = None
+) -> nn.Module:
+    """Build a registered architecture by name."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    size = input_size or DEFAULT_INPUT_SIZE[arch]
+    return ARCHS[arch](in_channels, num_classes, act, size)

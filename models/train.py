@@ -1,0 +1,366 @@
+"""Train a conversion-ready ANN and export it for the toolchain.
+
+    python -m models.train --arch cnn_small --dataset mnist --data ../shared/data/mnist \\
+        --act clip --epochs 3 --out out/mnist_cnn
+
+Writes DIR/model.pt (weights and the configuration needed to rebuild the model),
+DIR/model.onnx (through `exporters.export_onnx`, with the preprocessing in its metadata)
+and DIR/result.json. Data comes only from --data (read with `toolchain.data`); nothing
+is downloaded. Runs on CPU or CUDA (bf16/fp16 autocast on CUDA only). For a given seed,
+device and thread count the run is deterministic (seeded initialisation, seeded data
+order and augmentation, deterministic cuDNN), unless --time-budget picks the number of
+epochs from the measured speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.arch import ARCHS, build
+from models.layers import ACTIVATIONS, QCFS, ClipReLU, make_act, parameter_groups
+
+CHECKPOINT_FORMAT = "snn-toolchain-model/1"
+
+# per-channel statistics of the training splits, on pixels scaled to [0, 1]
+DATASET_STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+DEFAULT_OPTIMIZER = {"mnist": "adam", "fashion-mnist": "adam", "cifar10": "sgd"}
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
+DEFAULT_WEIGHT_DECAY = {"adam": 1e-2, "sgd": 5e-4}  # AdamW's decoupled decay needs a larger value
+CEILING_LR = {"adam": 10.0, "sgd": 1.0}  # Adam moves a ceiling by about lr per step: let it move
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASET_STATS))
+    parser.add_argument("--data", required=True, help="dataset folder or file (IDX folder, CIFAR-10 tar.gz folder, .npz)")
+    parser.add_argument("--act", default="clip", choices=ACTIVATIONS)
+    parser.add_argument("--levels", type=int, default=8, help="QCFS quantisation levels L (with --act qcfs)")
+    parser.add_argument("--lam-init", type=float, default=8.0, help="initial activation ceiling lambda")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), help="default: adam for (fashion-)mnist, sgd for cifar10")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 adam, 0.05 sgd), cosine decay")
+    parser.add_argument(
+        "--weight-decay", type=float, help="on weights and activation ceilings (default 5e-4 sgd, 1e-2 adam (AdamW))"
+    )
+    parser.add_argument(
+        "--ceiling-lr-scale", type=float, help="learning-rate factor for the activation ceilings (default 1 sgd, 10 adam)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--limit-train", type=int, help="use only the first N training samples")
+    parser.add_argument("--limit-test", type=int, help="evaluate on only the first N test samples")
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="CPU threads for torch")
+    parser.add_argument(
+        "--time-budget", type=float, help="seconds for training: after the first epoch, cut --epochs to fit (cosine "
+        "schedule rescaled); makes the epoch count depend on the machine's speed"
+    )
+    parser.add_argument("--no-export", action="store_true", help="skip the ONNX export (model.pt and result.json only)")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+class Normalizer:
+    """uint8 batches on the device -> normalised float32 batches, with optional CIFAR augmentation."""
+
+    def __init__(self, mean, std, device: torch.device, augment: bool):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.augment = augment
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.augment and generator is not None:
+            x = random_crop_flip(x, generator)
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per-sample random crop from a zero-padded image and random horizontal flip (random numbers
+    drawn on the CPU from `generator`, so runs are reproducible on any device)."""
+    n, _, h, w = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[0].view(n, 1) + torch.arange(h, device=x.device).view(1, h)  # (n, h)
+    cols = offsets[1].view(n, 1) + torch.arange(w, device=x.device).view(1, w)  # (n, w)
+    cols = torch.where(flips.view(n, 1), cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer, autocast, batch: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for begin in range(0, len(y), batch):
+            with autocast():
+                logits = model(norm(x[begin : begin + batch]))
+            correct += int((logits.argmax(1) == y[begin : begin + batch]).sum())
+    return correct / max(1, len(y))
+
+
+def ceilings(model: nn.Module) -> list[float]:
+    return [round(float(m.lam.detach()), 5) for m in model.modules() if isinstance(m, (ClipReLU, QCFS))]
+
+
+def save_checkpoint(model: nn.Module, path: Path, config: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by this script: returns (model in eval mode, config)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint written by models.train")
+    config = ckpt["config"]
+    act = make_act(config["act"], int(config.get("levels") or 8), float(config.get("lam_init", 8.0)))
+    model = build(config["arch"], config["in_channels"], config["num_classes"], act, config["input_size"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from toolchain.data import load_dataset
+    from toolchain.errors import ToolchainError
+
+    if not Path(args.data).exists():
+        return fail(f"{args.data}: no such data folder or file (pass the {args.dataset} dataset with --data)")
+    try:
+        device = pick_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        return fail(str(exc))
+    if args.act == "qcfs" and args.levels < 1:
+        return fail("--levels must be >= 1 with --act qcfs")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.time()
+    try:
+        train_set = load_dataset(args.data, "train")
+        test_set = load_dataset(args.data, "test")
+    except ToolchainError as exc:
+        return fail(str(exc))
+    train_set = train_set.subset(args.limit_train)
+    test_set = test_set.subset(args.limit_test)
+    channels, height, width = (int(d) for d in train_set.x.shape[1:])
+    if height != width:
+        return fail(f"{args.data}: square images expected, got {height}x{width}")
+    num_classes = int(max(train_set.y.max(), test_set.y.max())) + 1
+    mean, std = DATASET_STATS[args.dataset]
+    if len(mean) != channels:
+        return fail(f"{args.data}: {channels}-channel images, but {args.dataset} has {len(mean)} channels")
+    print(
+        f"data: {len(train_set)} train, {len(test_set)} test, {channels}x{height}x{width}, {num_classes} classes "
+        f"({time.time() - t0:.1f} s to read)",
+        flush=True,
+    )
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    levels = args.levels if args.act == "qcfs" else 0
+    act = make_act(args.act, args.levels, args.lam_init)
+    model = build(args.arch, channels, num_classes, act, height).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+
+    optimizer_name = args.optimizer or DEFAULT_OPTIMIZER[args.dataset]
+    base_lr = args.lr if args.lr is not None else DEFAULT_LR[optimizer_name]
+    weight_decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAY[optimizer_name]
+    ceiling_lr_scale = args.ceiling_lr_scale if args.ceiling_lr_scale is not None else CEILING_LR[optimizer_name]
+    groups = parameter_groups(model, weight_decay, ceiling_lr_scale)
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=0.9, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=base_lr)
+
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+        def autocast():
+            return torch.autocast("cuda", dtype=amp_dtype)
+    else:
+        amp_dtype = None
+
+        def autocast():
+            return torch.autocast("cpu", enabled=False)
+
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    x_train = torch.from_numpy(np.array(train_set.x, np.uint8)).to(device)
+    y_train = torch.from_numpy(train_set.y).to(device)
+    x_test = torch.from_numpy(np.array(test_set.x, np.uint8)).to(device)
+    y_test = torch.from_numpy(test_set.y).to(device)
+    norm = Normalizer(mean, std, device, augment=args.dataset == "cifar10")
+    generator = torch.Generator().manual_seed(args.seed)
+
+    n = len(train_set)
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    epochs = args.epochs
+    total_steps = epochs * steps_per_epoch
+    tty = sys.stderr.isatty()
+    print(
+        f"train: {args.arch} act={args.act}{f' L={levels}' if levels else ''} on {device} "
+        f"({'autocast ' + str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}), {optimizer_name} "
+        f"lr={base_lr:g}, batch {args.batch_size}, {epochs} epochs x {steps_per_epoch} steps, seed {args.seed}",
+        flush=True,
+    )
+
+    step = 0
+    test_acc = 0.0
+    train_acc = 0.0
+    train_start = time.time()
+    epoch = 0
+    while epoch < epochs:
+        epoch_start = time.time()
+        model.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for index in range(steps_per_epoch):
+            batch_idx = order[index * args.batch_size : (index + 1) * args.batch_size]
+            xb = norm(x_train[batch_idx], generator).contiguous(memory_format=memory_format)
+            yb = y_train[batch_idx]
+            lr = lr_at(step, total_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with autocast():
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            if tty and (index % 20 == 0 or index == steps_per_epoch - 1):
+                print(
+                    f"\r  epoch {epoch + 1}/{epochs} step {index + 1}/{steps_per_epoch} loss {float(loss):.4f}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if tty:
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
+        train_acc = float(correct) / n
+        test_acc = evaluate(model, x_test, y_test, norm, autocast)
+        epoch_seconds = time.time() - epoch_start
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {float(loss_sum) / n:.4f} train {100 * train_acc:.2f}% "
+            f"test {100 * test_acc:.2f}% lr {lr:.3g} ({epoch_seconds:.1f} s)",
+            flush=True,
+        )
+        epoch += 1
+        if epoch == 1 and args.time_budget and epochs > 1:
+            fit = max(1, int(args.time_budget // max(epoch_seconds, 1e-6)))
+            if fit < epochs:
+                epochs = fit
+                total_steps = epochs * steps_per_epoch
+                print(f"time budget {args.time_budget:.0f} s: training {epochs} epochs", flush=True)
+    train_seconds = time.time() - train_start
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(memory_format=torch.contiguous_format)
+    config = {
+        "arch": args.arch,
+        "act": args.act,
+        "levels": levels,
+        "lam_init": args.lam_init,
+        "in_channels": channels,
+        "num_classes": num_classes,
+        "input_size": height,
+        "dataset": args.dataset,
+        "preprocess": {"scale": 1 / 255, "mean": list(mean), "std": list(std), "layout": "NCHW"},
+    }
+    save_checkpoint(model, out / "model.pt", config)
+    result = {
+        "arch": args.arch,
+        "dataset": args.dataset,
+        "act": args.act,
+        "levels": levels,
+        "epochs": epochs,
+        "seed": args.seed,
+        "test_accuracy": round(test_acc, 6),
+        "train_accuracy": round(train_acc, 6),
+        "train_seconds": round(train_seconds, 1),
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "batch_size": args.batch_size,
+        "optimizer": optimizer_name,
+        "lr": base_lr,
+        "weight_decay": weight_decay,
+        "ceiling_lr_scale": ceiling_lr_scale,
+        "train_samples": n,
+        "test_samples": len(test_set),
+        "ceilings": ceilings(model),
+        "torch": torch.__version__,
+    }
+    if not args.no_export:
+        from exporters import ExportError, export_onnx
+
+        try:
+            result["onnx_max_abs_diff"] = export_onnx(
+                model,
+                out / "model.onnx",
+                (channels, height, width),
+                config["preprocess"],
+                activation=args.act,
+                levels=levels,
+                check_inputs=test_set.x[:64],
+            )
+        except ExportError as exc:
+            return fail(str(exc))
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "result.json")
+    print(f"test accuracy {100 * test_acc:.2f}% after {epochs} epochs, {train_seconds:.1f} s; wrote {out}/", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
