@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(exc))
     try:
         diff = export_onnx(
-            model, args.out, (in_channels, size, size), pre, opset=args.opset, activation=act, levels=levels,
+            model,
+            args.out,
+            (in_channels, size, size),
+            pre,
+            opset=args.opset,
+            activation=act,
+            levels=levels,
             check_inputs=check,
         )
     except (ExportError, ValueError) as exc:

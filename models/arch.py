@@ -147,9 +147,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(
-    arch: str, in_channels: int, num_classes: int, act: Act | None = None, input_size: int | None = None
-) -> nn.Module:
+def build(arch: str, in_channels: int, num_classes: int, act: Act | None = None, input_size: int | None = None) -> nn.Module:
     """Build a registered architecture by name."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")

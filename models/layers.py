@@ -44,6 +44,18 @@ class ClipReLU(nn.Module):
         return f"lam={float(self.lam.detach()):.4g}"
 
 
+class _FloorSTE(torch.autograd.Function):
+    """floor() forward (exact values), identity backward: the straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class QCFS(nn.Module):
     """`lam * clamp(floor(x * L / lam + 0.5) / L, 0, 1)`, straight-through floor in training."""
 
@@ -62,10 +74,7 @@ class QCFS(nn.Module):
         x = x.float()  # rounding in bf16/fp16 under autocast would be far too coarse
         lam = self.lam
         y = x * levels / lam + 0.5
-        if self.training:
-            y = y + (torch.floor(y) - y).detach()  # straight-through estimator
-        else:
-            y = torch.floor(y)
+        y = _FloorSTE.apply(y) if self.training else torch.floor(y)
         return lam * torch.clamp(y / levels, 0, 1)
 
     def extra_repr(self) -> str:

@@ -69,8 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-test", type=int, help="evaluate on only the first N test samples")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="CPU threads for torch")
     parser.add_argument(
-        "--time-budget", type=float, help="seconds for training: after the first epoch, cut --epochs to fit (cosine "
-        "schedule rescaled); makes the epoch count depend on the machine's speed"
+        "--time-budget",
+        type=float,
+        help="seconds for training: after the second epoch (or the first, if it alone nearly fills the budget) "
+        "cut --epochs to fit, rescaling the cosine schedule; the epoch count then depends on the machine's speed",
     )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export (model.pt and result.json only)")
     return parser.parse_args(argv)
@@ -296,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         epoch += 1
-        if epoch == 1 and args.time_budget and epochs > 1:
-            fit = max(1, int(args.time_budget // max(epoch_seconds, 1e-6)))
-            if fit < epochs:
+        if args.time_budget and epoch <= 2 and epochs > epoch:
+            # the first epoch includes warm-up (cuDNN, allocator); fit the budget on the second
+            fit = epoch + int((args.time_budget - (time.time() - train_start)) // max(epoch_seconds, 1e-6))
+            fit = min(args.epochs, max(epoch, fit)) if epoch == 2 else (epoch if fit < 2 else epochs)
+            if fit != epochs:
                 epochs = fit
                 total_steps = epochs * steps_per_epoch
                 print(f"time budget {args.time_budget:.0f} s: training {epochs} epochs", flush=True)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# CIFAR-10 on one GPU: train VGG-16 with clipped ReLU (about 6 minutes of training),
+# export it, then measure ANN vs SNN accuracy and latency with bench/accuracy_latency.py.
+# Fits in 10 minutes on one H200. Needs python with torch (CUDA), onnx, onnxruntime,
+# numpy and pillow; no network, no Lava.
+#
+#   bash bench/gpu_cifar10.sh [CIFAR10_PATH]      (default ../shared/data/cifar10)
+#
+# Environment: PYTHON (default python), TRAIN_SECONDS (default 330), EPOCHS (at most; default 60).
+# Everything printed goes to bench/results/gpu_cifar10_<time>.log as well.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA="${1:-../shared/data/cifar10}"
+PYTHON="${PYTHON:-python}"
+TRAIN_SECONDS="${TRAIN_SECONDS:-330}"
+EPOCHS="${EPOCHS:-60}"
+RUN=bench/results/cifar10_vgg16_train
+mkdir -p bench/results
+LOG="bench/results/gpu_cifar10_$(date +%Y%m%d-%H%M%S).log"
+exec > >(tee -a "$LOG") 2>&1
+
+stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
+
+stamp "gpu_cifar10: data=$DATA python=$PYTHON log=$LOG"
+if [ ! -e "$DATA" ]; then
+    echo "error: $DATA: no CIFAR-10 folder or tarball (pass its path as the first argument)" >&2
+    exit 2
+fi
+"$PYTHON" - <<'PY'
+import sys
+import torch
+missing = [m for m in ("onnx", "onnxruntime", "PIL", "numpy") if __import__("importlib").util.find_spec(m) is None]
+if missing:
+    sys.exit(f"error: missing Python packages: {', '.join(missing)}")
+if not torch.cuda.is_available():
+    sys.exit("error: torch sees no CUDA device")
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+PY
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+
+stamp "training vgg16 (clip) on CIFAR-10: at most $EPOCHS epochs within ${TRAIN_SECONDS}s"
+"$PYTHON" -m models.train --arch vgg16 --dataset cifar10 --data "$DATA" --act clip \
+    --epochs "$EPOCHS" --time-budget "$TRAIN_SECONDS" --batch-size 256 --optimizer sgd --lr 0.1 \
+    --weight-decay 5e-4 --device cuda --threads 8 --seed 0 --out "$RUN"
+stamp "training done"
+cat "$RUN/result.json"
+
+stamp "accuracy vs latency of the converted SNN"
+python bench/accuracy_latency.py --model "$RUN/model.onnx" --data "$DATA" --out bench/results/cifar10_vgg16
+stamp "gpu_cifar10 finished in ${SECONDS}s; log: $LOG"

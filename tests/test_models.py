@@ -1,0 +1,302 @@
+"""Architectures, activations, the ONNX exporter, the training CLI and the shipped models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from exporters import ExportError, export_onnx
+from exporters import onnx_export as onnx_export_module
+from models import ARCHS, QCFS, ClipReLU, build, make_act
+from models.arch import DEFAULT_INPUT_SIZE
+from models.train import load_checkpoint
+from models.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+CALIB = MODELS / "data" / "mnist-calib.npz"
+PRE = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
+ZOO = ("fmnist_vgg_clip", "fmnist_vgg_qcfs8", "fmnist_cnn_clip")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+# ---------------------------------------------------------------- architectures and activations
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_architecture_runs_forward(arch):
+    channels = 3 if DEFAULT_INPUT_SIZE[arch] == 32 else 1
+    model = build(arch, channels, 10, make_act("clip")).eval()
+    size = DEFAULT_INPUT_SIZE[arch]
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 10)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    # an activation after every conv/linear except the last layer
+    weighted = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    shortcuts = sum(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules()
+    )  # a projection shortcut joins the block's add, which is followed by the block's activation
+    acts = sum(isinstance(m, ClipReLU) for m in model.modules())
+    assert acts == weighted - shortcuts - 1
+
+
+def test_cnn_small_fits_other_input_sizes():
+    model = build("cnn_small", 3, 10, make_act("relu"), input_size=32).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_clip_relu_clips_and_learns_its_ceiling():
+    act = ClipReLU(2.0)
+    x = torch.tensor([-1.0, 0.5, 3.0], requires_grad=True)
+    y = act(x)
+    assert y.tolist() == [0.0, 0.5, 2.0]
+    y.sum().backward()
+    assert act.lam.grad.item() == 1.0  # one input above the ceiling
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_qcfs_forward_and_straight_through_gradient():
+    act = QCFS(levels=4, init=2.0)
+    x = torch.tensor([-1.0, 0.6, 0.76, 1.0, 5.0], requires_grad=True)
+    expected = 2.0 * torch.clamp(torch.floor(x.detach() * 4 / 2.0 + 0.5) / 4, 0, 1)
+    act.eval()
+    assert torch.equal(act(x.detach()), expected)
+    act.train()
+    y = act(x)
+    assert torch.allclose(y, expected)
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # straight through inside (0, lam)
+    assert act.lam.grad is not None
+
+
+def test_make_act_rejects_unknown():
+    with pytest.raises(ValueError):
+        make_act("gelu")
+
+
+# ---------------------------------------------------------------- exporter
+
+
+@pytest.mark.parametrize(
+    "arch,act",
+    [
+        ("cnn_small", "clip"),
+        ("cnn_small", "qcfs"),
+        ("cnn_small", "relu"),
+        ("vgg_small", "clip"),
+        ("vgg_small", "qcfs"),
+        ("resnet20", "clip"),
+    ],
+)
+def test_export_matches_onnxruntime(tmp_path, arch, act):
+    torch.manual_seed(0)
+    channels = 3 if arch == "resnet20" else 1
+    size = DEFAULT_INPUT_SIZE[arch]
+    model = build(arch, channels, 10, make_act(act, levels=4, init=2.5))
+    _randomise_bn(model)
+    model.train()  # the exporter must evaluate in eval mode and restore the mode
+    path = tmp_path / "m.onnx"
+    pre = dict(PRE, mean=[0.5] * channels, std=[0.25] * channels)
+    raw = np.random.default_rng(0).integers(0, 256, (4, channels, size, size), dtype=np.uint8)
+    diff = export_onnx(
+        model,
+        path,
+        (channels, size, size),
+        pre,
+        activation=act,
+        levels=4 if act == "qcfs" else 0,
+        check_inputs=raw,
+        verbose=False,
+    )
+    assert model.training
+    assert diff < 1e-3 or act == "qcfs"
+    onnx_model = onnx.load(str(path))
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    assert json.loads(meta["toolchain.preprocess"]) == {
+        "scale": 1 / 255,
+        "mean": [0.5] * channels,
+        "std": [0.25] * channels,
+        "layout": "NCHW",
+    }
+    assert meta["toolchain.activation"] == act
+    assert meta["toolchain.levels"] == ("4" if act == "qcfs" else "0")
+    ops = _ops(onnx_model)
+    assert "Identity" not in ops
+    if arch != "cnn_small":
+        assert "BatchNormalization" in ops  # kept for the frontend to fold
+    if act == "relu":
+        assert "Relu" in ops and "Clip" not in ops
+    if act == "clip":
+        assert "Floor" not in ops
+        clips = [n for n in onnx_model.graph.node if n.op_type == "Clip"]
+        constants = {n.output[0]: n for n in onnx_model.graph.node if n.op_type == "Constant"}
+        ceilings = sorted(float(m.lam.detach()) for m in model.modules() if isinstance(m, ClipReLU))
+        bounds = []
+        for clip in clips:
+            low, high = (float(numpy_helper.to_array(constants[name].attribute[0].t)) for name in clip.input[1:3])
+            assert low == 0.0
+            bounds.append(high)
+        assert sorted(bounds) == pytest.approx(ceilings)
+    if act == "qcfs":
+        assert ops.count("Floor") == sum(isinstance(m, QCFS) for m in model.modules())
+    # dynamic batch: the file runs on any batch size and agrees with torch
+    x = torch.randn(3, channels, size, size)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    got = _session(path).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-3 or act == "qcfs"
+
+
+def test_export_refuses_a_mismatch_and_writes_nothing(tmp_path, monkeypatch):
+    model = build("cnn_small", 1, 10, make_act("clip"))
+    real_run = onnx_export_module._ort_run
+    monkeypatch.setattr(onnx_export_module, "_ort_run", lambda data, x: real_run(data, x) + 0.1)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(model, path, (1, 28, 28), PRE, verbose=False)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_rejects_bad_preprocess(tmp_path):
+    model = build("cnn_small", 1, 10, make_act("clip"))
+    with pytest.raises(ValueError, match="std"):
+        export_onnx(model, tmp_path / "m.onnx", (1, 28, 28), {"scale": 1, "mean": [0], "std": [0, 1]}, verbose=False)
+
+
+# ---------------------------------------------------------------- training CLI
+
+
+def _train(out: Path, *extra: str) -> int:
+    return train_main(
+        [
+            "--arch", "cnn_small", "--dataset", "mnist", "--data", str(CALIB), "--act", "clip",
+            "--epochs", "1", "--limit-train", "256", "--limit-test", "64", "--batch-size", "64",
+            "--threads", "1", "--device", "cpu", "--out", str(out), *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_training_is_deterministic_and_exports(tmp_path, capsys):
+    assert _train(tmp_path / "a") == 0
+    assert _train(tmp_path / "b", "--no-export") == 0
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result = json.loads((tmp_path / "a" / "result.json").read_text())
+    for key in ("arch", "dataset", "act", "levels", "epochs", "seed", "test_accuracy", "train_seconds", "device"):
+        assert key in result
+    assert result["epochs"] == 1 and result["device"] == "cpu" and 0 <= result["test_accuracy"] <= 1
+    assert (tmp_path / "a" / "model.onnx").is_file() and not (tmp_path / "b" / "model.onnx").exists()
+    assert "epoch 1/1" in capsys.readouterr().out
+
+    # the exporter CLI rebuilds the model from the checkpoint and gets the same ONNX graph
+    from exporters.__main__ import main as export_main
+
+    assert export_main(["--weights", str(tmp_path / "a" / "model.pt"), "--out", str(tmp_path / "c.onnx")]) == 0
+    model, config = load_checkpoint(tmp_path / "a" / "model.pt")
+    assert config["preprocess"]["mean"] == [0.1307]
+    first = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    again = onnx.load(str(tmp_path / "c.onnx"))
+    assert _ops(first) == _ops(again) and first.metadata_props == again.metadata_props
+
+
+def test_train_cli_missing_data_is_one_clear_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run(
+        [sys.executable, "-m", "models.train", "--arch", "cnn_small", "--dataset", "mnist", "--data", str(missing),
+         "--out", str(tmp_path / "o")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and lines[0].startswith("error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_cli_missing_weights(tmp_path, capsys):
+    from exporters.__main__ import main as export_main
+
+    assert export_main(["--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "no such weights file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- shipped models and data
+
+
+def test_default_mnist_model_is_shipped_and_accurate():
+    from toolchain.data import load_dataset
+
+    path = MODELS / "mnist_cnn.onnx"
+    assert path.stat().st_size < 2_000_000
+    info = json.loads((MODELS / "mnist_cnn.json").read_text())
+    assert info["arch"] == "cnn_small" and info["act"] == "clip" and info["test_accuracy"] >= 0.985
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    pre = json.loads(meta["toolchain.preprocess"])
+    assert meta["toolchain.activation"] == "clip" and pre["mean"] == [0.1307]
+    test = load_dataset(MODELS / "data" / "mnist", "test")
+    assert len(test) == 10000 and (MODELS / "data" / "mnist" / "LICENSE.md").is_file()
+    x = onnx_export_module.apply_preprocess(test.x, pre)
+    logits = _session(path).run(None, {"input": x})[0]
+    accuracy = float(np.mean(logits.argmax(1) == test.y))
+    assert accuracy == pytest.approx(info["test_accuracy"], abs=1e-4)
+    calib = load_dataset(CALIB)
+    assert calib.x.shape == (1000, 1, 28, 28) and calib.x.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_models(name):
+    path = MODELS / "zoo" / f"{name}.onnx"
+    assert path.stat().st_size < 3_000_000
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["dataset"] == "fashion-mnist" and info["test_accuracy"] > 0.85
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["toolchain.activation"] == info["act"] and meta["toolchain.levels"] == str(info["levels"])
+    out = _session(path).run(None, {"input": np.zeros((2, 1, 28, 28), np.float32)})[0]
+    assert out.shape == (2, 10)
+
+
+def test_thirdparty_model_has_no_metadata():
+    path = MODELS / "zoo" / "thirdparty_lenet_relu_maxpool_fmnist.onnx"
+    model = onnx.load(str(path))
+    assert not model.metadata_props and model.opset_import[0].version == 13
+    assert {"MaxPool", "Relu"} <= set(_ops(model))
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["test_accuracy"] > 0.85
