@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess_flags(evaluate)
     _add_run_flags(evaluate)
 
+    report = commands.add_parser("report", help="spike counts, synaptic operations and energy estimates (md, json, html)")
+    report.add_argument("artifact", type=Path)
+    report.add_argument("--data", type=Path, required=True)
+    report.add_argument("--split", default="test", choices=("train", "test"))
+    report.add_argument("-T", "--steps", type=int, default=32, help="time steps of the report (accuracy also at 1, 2, 4, ...)")
+    report.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
+    report.add_argument("--format", choices=("md", "json", "html"), help="default: from -o's suffix, else md")
+    report.add_argument("-o", "--out", type=Path, help="file to write (needed for html; md writes its plots beside it)")
+    report.add_argument("--energy-model", type=Path, help="JSON or TOML file overriding energy constants")
+    report.add_argument("--limit", type=int, help="only the first N samples")
+    report.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
+    _add_preprocess_flags(report)
+    _add_run_flags(report)
+
     inspect = commands.add_parser("inspect", help="table of an artifact's layers")
     inspect.add_argument("artifact", type=Path)
     inspect.add_argument("--json", action="store_true")
@@ -177,13 +191,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from toolchain.report.command import run
+
+    return run(args)
+
+
 def cmd_export(argv: list[str]) -> int:
     from exporters.__main__ import main as export_main
 
     return export_main(argv)
 
 
-COMMANDS = {"build": cmd_build, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"build": cmd_build, "eval": cmd_eval, "inspect": cmd_inspect, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

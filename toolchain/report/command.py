@@ -1,0 +1,59 @@
+"""`toolchain report`: evaluate an artifact at T = 1, 2, 4, ..., T and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from toolchain.errors import ToolchainError
+
+
+def run(args: argparse.Namespace) -> int:
+    from targets.base import get_target
+    from toolchain.build import ANN_FILE, apply_preprocess_overrides
+    from toolchain.data import load_dataset
+    from toolchain.evaluate import evaluate
+    from toolchain.ir import load_graph
+    from toolchain.reference import OnnxReference
+    from toolchain.report import FORMATS, SpikeMapRecorder, format_from_path, load_energy_model, report_steps, write_report
+
+    fmt = args.format or format_from_path(args.out)
+    if fmt not in FORMATS:
+        raise ToolchainError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "html" and args.out is None:
+        raise ToolchainError("an HTML report is a file: pass -o report.html (or use --format md / json for stdout)")
+    if args.limit is not None and args.limit < 1:
+        raise ToolchainError(f"--limit {args.limit}: give a positive number of samples")
+    if args.batch_size < 1:
+        raise ToolchainError(f"--batch-size {args.batch_size}: must be positive")
+    steps = report_steps(args.steps)
+    model = load_energy_model(args.energy_model)  # fail on a bad file before the long run
+    graph = load_graph(args.artifact)
+    if not graph.is_snn:
+        raise ToolchainError(f"{args.artifact}: holds an ANN graph, not a converted SNN; run `toolchain build` first")
+    graph.preprocess = apply_preprocess_overrides(graph.preprocess, args.scale, args.mean, args.std)
+    data = load_dataset(args.data, args.split).subset(args.limit)
+    if len(data) == 0:
+        raise ToolchainError(f"{args.data}: no samples to evaluate")
+    try:
+        inner = get_target(args.target, device=args.device, artifact=args.artifact)
+    except ImportError as exc:
+        raise ToolchainError(f"target {args.target!r} is not available here ({exc})") from None
+    target = SpikeMapRecorder(inner)
+    target.prepare(graph)
+    ann_path = args.artifact / ANN_FILE
+    ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
+    quiet = fmt == "json" or not sys.stderr.isatty()
+    evaluation = evaluate(
+        target, data, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+        progress=False if quiet else None, label=f"{args.target} T={max(steps)}",
+    )
+    result = write_report(
+        args.artifact, evaluation, graph, fmt, args.out, energy_model=model, target=args.target,
+        spike_maps=target.maps, data=data.source,
+    )
+    if args.out is None:
+        sys.stdout.write(str(result))
+    else:
+        print(f"wrote {result}", file=sys.stderr)
+    return 0

@@ -1,0 +1,87 @@
+"""Per-neuron spike counts, so that synaptic operations are counted exactly.
+
+`SimOutput.spikes` holds one number per layer and step. A neuron's fan-out depends
+on where it sits (a neuron at the border of a padded convolution drives fewer
+synapses), so `spikes x mean fan-out` is only an estimate. `SpikeMapRecorder` wraps a
+target and keeps, for every IF layer, the spikes of each neuron summed over the
+samples and the steps of each run: with them the report sums spike x fan-out neuron
+by neuron.
+
+The torch target is recorded directly through its executor. Any other target can
+offer the same by returning a `neuron_spikes` mapping (layer -> per-neuron counts,
+summed over batch and steps) on its `SimOutput`; otherwise the maps are dropped and
+the report falls back to the estimate (and says so).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from targets.base import SimOutput, Target
+from toolchain import ir
+
+
+class SpikeMapRecorder:
+    """A `Target` that runs another one and also records spikes per neuron."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.name = target.name
+        self.maps: dict[str, np.ndarray] | None = {}
+        self.steps: int | None = None
+
+    def prepare(self, graph: ir.Graph) -> None:
+        self.target.prepare(graph)
+
+    def run(self, x: np.ndarray, steps: int) -> SimOutput:
+        if self.steps is not None and steps != self.steps:
+            self.maps = None  # maps over different step counts cannot be combined
+        self.steps = steps
+        if _is_torch_target(self.target):
+            out, maps = _run_torch(self.target, x, steps)
+        else:
+            out = self.target.run(x, steps)
+            maps = getattr(out, "neuron_spikes", None)
+        if maps is None:
+            self.maps = None
+        elif self.maps is not None:
+            for layer, counts in maps.items():
+                counts = np.asarray(counts, np.float64).reshape(-1)
+                self.maps[layer] = self.maps.get(layer, 0) + counts
+        return out
+
+
+def _is_torch_target(target: Any) -> bool:
+    try:
+        from targets.torch.simulator import TorchTarget
+    except ImportError:  # torch missing: then it is not a torch target
+        return False
+    return isinstance(target, TorchTarget)
+
+
+def _run_torch(target: Any, x: np.ndarray, steps: int) -> tuple[SimOutput, dict[str, np.ndarray]]:
+    """What `TorchTarget.run` returns, plus per-neuron spike counts."""
+    import torch
+
+    from targets.torch.simulator import _channel_view
+
+    executor = target.executor
+    assert executor is not None, "prepare() first"
+    per_step: dict[str, torch.Tensor] = {}
+    per_neuron: dict[str, np.ndarray] = {}
+
+    def count(node: ir.Node, value: torch.Tensor) -> None:
+        if isinstance(node, ir.IFNeuron):
+            threshold = _channel_view(executor.tensor(node.name, "threshold"), value.ndim - 1)
+            spikes = (value / threshold).round()  # (T, B, ...) of 0/1
+            per_step[node.name] = spikes.flatten(1).sum(1)
+            per_neuron[node.name] = spikes.sum((0, 1)).double().cpu().numpy().reshape(-1)
+
+    readout = executor.run(torch.as_tensor(x), steps, count)
+    out = SimOutput(
+        readout=readout.float().cpu().numpy(),
+        spikes={k: v.double().cpu().numpy() for k, v in per_step.items()},
+    )
+    return out, per_neuron
