@@ -25,7 +25,10 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
 def initializer_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for init in graph.initializer:
-        arrays[init.name] = numpy_helper.to_array(init)
+        try:
+            arrays[init.name] = numpy_helper.to_array(init)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"initializer {init.name!r} cannot be read ({type(exc).__name__}: {exc})") from None
     for sparse in graph.sparse_initializer:
         values = numpy_helper.to_array(sparse.values)
         indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
@@ -76,7 +79,8 @@ def fold_constants(
         ):
             try:
                 evaluator = ReferenceEvaluator(node, opsets={"": opsets.get("", 1)})
-                value = evaluator.run(None, {name: known[name] for name in inputs})
+                with np.errstate(all="ignore"):  # NaN/Inf results are reported by the caller
+                    value = evaluator.run(None, {name: known[name] for name in inputs})
             except Exception as exc:  # noqa: BLE001 - reported as a one-line user error
                 fail(node, f"cannot fold this constant subgraph ({type(exc).__name__}: {exc})")
             if not all(isinstance(v, np.ndarray) or np.isscalar(v) for v in value):

@@ -72,21 +72,62 @@ class _Loader:
             self.fail(f"not a readable ONNX model ({type(exc).__name__}: {_one_line(exc)})")
         if not model.HasField("graph") or not model.opset_import:
             self.fail("not an ONNX model (no graph or opset; truncated or a different file type?)")
-        try:
-            onnx.checker.check_model(model)
-        except Exception as exc:  # noqa: BLE001
-            self.fail(f"invalid ONNX model: {_one_line(exc)}")
-        if model.functions:
-            try:
-                model = onnx.inliner.inline_local_functions(model)
-            except Exception as exc:  # noqa: BLE001
-                self.fail(f"cannot inline the model's local functions: {_one_line(exc)}")
+        self.check_strings(model)
         nodes = list(model.graph.node)
         names = _node_names(nodes)
         for node in nodes:
             if node.domain not in DEFAULT_DOMAINS:
                 self.fail_node(node, names[id(node)], f"op from domain {node.domain!r} is not supported; {_supported()}")
+        self.fill_output_shapes(model)
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:  # noqa: BLE001
+            self.fail(f"invalid ONNX model: {_one_line(exc)}")
+        self.check_ops_on_activations(model.graph, nodes, names)
+        if model.functions:
+            try:
+                model = onnx.inliner.inline_local_functions(model)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(f"cannot inline the model's local functions: {_one_line(exc)}")
         return model
+
+    def check_strings(self, model: onnx.ModelProto) -> None:
+        """A damaged file can hold names that are not UTF-8 (protobuf then hands out bytes)."""
+        graph = model.graph
+        texts = [v.name for v in list(graph.input) + list(graph.output) + list(graph.initializer)]
+        texts += [model.producer_name, model.producer_version, *(o.domain for o in model.opset_import)]
+        texts += [t for p in model.metadata_props for t in (p.key, p.value)]
+        for node in graph.node:
+            texts += [node.name, node.op_type, node.domain, *node.input, *node.output]
+        if not all(isinstance(t, str) for t in texts):
+            self.fail("names in the model are not valid UTF-8 text (a damaged file?)")
+
+    def check_ops_on_activations(self, graph: onnx.GraphProto, nodes: list[onnx.NodeProto], names: dict[int, str]) -> None:
+        """Unsupported ops that read the input (directly or not) fail here, before anything else is checked;
+        ops on constants only are left to constant folding."""
+        initializers = {i.name for i in graph.initializer}
+        dynamic = {v.name for v in graph.input if v.name not in initializers}
+        for node in nodes:
+            if not any(name in dynamic for name in node.input) or node.op_type in ("Shape", "Size"):
+                continue
+            if node.op_type not in HANDLERS:
+                self.fail_node(node, names[id(node)], f"unsupported op type {node.op_type!r}; {_supported()}")
+            dynamic.update(name for name in node.output if name)
+
+    @staticmethod
+    def fill_output_shapes(model: onnx.ModelProto) -> None:
+        """onnx.checker insists that graph outputs have a shape (onnxruntime does not): infer missing ones."""
+        outputs = model.graph.output
+        if all(not o.type.HasField("tensor_type") or o.type.tensor_type.HasField("shape") for o in outputs):
+            return
+        try:
+            inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(model).graph.output}
+        except Exception:  # noqa: BLE001 - the checker reports what is wrong
+            return
+        for output in outputs:
+            found = inferred.get(output.name)
+            if found is not None and not output.type.tensor_type.HasField("shape") and found.type.tensor_type.HasField("shape"):
+                output.type.tensor_type.shape.CopyFrom(found.type.tensor_type.shape)
 
     # ------------------------------------------------------------------ shapes
 
@@ -149,7 +190,10 @@ class _Loader:
         def fail_fold(node: onnx.NodeProto, message: str) -> NoReturn:
             self.fail_node(node, names[id(node)], message)
 
-        known = initializer_arrays(graph)
+        try:
+            known = initializer_arrays(graph)
+        except ValueError as exc:
+            self.fail(f"damaged model: {_one_line(exc)}")
         remaining = fold_constants(nodes, known, shapes, opsets, fail_fold)
         if output.name in known:
             self.fail(f"output {output.name!r} does not depend on the input {value.name!r}")
@@ -181,7 +225,7 @@ class _Loader:
         initializers = {i.name for i in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
         new_graph = onnx.helper.make_graph(
             nodes,
-            graph.name or "folded",
+            "folded",
             [v for v in graph.input if v.name not in initializers],
             list(graph.output),
             [numpy_helper.from_array(np.asarray(array), name) for name, array in consts.items()],
@@ -302,4 +346,10 @@ def load_onnx(path: str | Path) -> ir.Graph:
 
     Raises `ToolchainError` with a one-line message naming the file (and node) on bad input.
     """
-    return _Loader(path).load()
+    loader = _Loader(path)
+    try:
+        return loader.load()
+    except ToolchainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last safety net: bad input never ends in a traceback
+        loader.fail(f"cannot load the model ({type(exc).__name__}: {_one_line(exc)})")

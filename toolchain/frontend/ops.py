@@ -434,23 +434,21 @@ def batch_norm(b: Builder, node: onnx.NodeProto) -> None:
 # ------------------------------------------------------------------ activations
 
 
-def _bound(value: Any, default: float) -> np.ndarray | float:
-    return default if value is None else np.asarray(value, np.float64)
+def _bound(b: Builder, value: Any, default: float, what: str, index: int = 0) -> np.ndarray:
+    """A clip bound as one value per channel; float32's lowest/highest (old Clip defaults) become -inf/inf."""
+    vector = b.channel_vector(np.asarray(default if value is None else value, np.float64), what, index)
+    vector[vector <= -1e38] = -np.inf
+    vector[vector >= 1e38] = np.inf
+    return vector
 
 
-def _clamp(b: Builder, lo: Any, hi: Any, index: int = 0) -> None:
-    def vector(value: Any, what: str) -> np.ndarray:
-        vec = b.channel_vector(np.asarray(value, np.float64), what, index)
-        vec[vec <= -1e38] = -np.inf  # float32 lowest, the old Clip default
-        vec[vec >= 1e38] = np.inf
-        return vec
-
-    b.elementwise(Clamp(vector(lo, "min"), vector(hi, "max"), b.source()), index)
+def _clamp(b: Builder, lo: np.ndarray, hi: np.ndarray, index: int = 0) -> None:
+    b.elementwise(Clamp(lo, hi, b.source()), index)
 
 
 @handles("Relu")
 def relu(b: Builder, node: onnx.NodeProto) -> None:
-    _clamp(b, 0.0, np.inf)
+    _clamp(b, _bound(b, 0.0, 0.0, "min"), _bound(b, np.inf, np.inf, "max"))
 
 
 @handles("Clip")
@@ -459,21 +457,22 @@ def clip(b: Builder, node: onnx.NodeProto) -> None:
         lo, hi = b.optional_const(1, "min"), b.optional_const(2, "max")
     else:
         lo, hi = b.attr("min"), b.attr("max")
-    _clamp(b, _bound(lo, -np.inf), _bound(hi, np.inf))
+    _clamp(b, _bound(b, lo, -np.inf, "min"), _bound(b, hi, np.inf, "max"))
 
 
 def _extremum(b: Builder, kind: str) -> None:
     dynamic, constant = _split_operands(b)
     if len(dynamic) != 1:
         b.fail(f"{kind} of several activations is not supported; only {kind}(x, constant)")
+    index = dynamic[0]
     if not constant:
-        b.alias(b.dyn(dynamic[0]))
+        b.alias(b.dyn(index))
         return
-    values = [b.channel_vector(b.const(i, "bound"), "bound", dynamic[0]) for i in constant]
+    values = [_bound(b, b.const(i, "bound"), 0.0, "bound", index) for i in constant]
     if kind == "Max":
-        _clamp(b, np.max(values, axis=0), np.inf, dynamic[0])
+        _clamp(b, np.max(values, axis=0), _bound(b, np.inf, np.inf, "max", index), index)
     else:
-        _clamp(b, -np.inf, np.min(values, axis=0), dynamic[0])
+        _clamp(b, _bound(b, -np.inf, -np.inf, "min", index), np.min(values, axis=0), index)
 
 
 @handles("Max")
