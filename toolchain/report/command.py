@@ -40,14 +40,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ToolchainError(f"target {args.target!r} is not available here ({exc})") from None
     target = SpikeMapRecorder(inner)
-    target.prepare(graph)
     ann_path = args.artifact / ANN_FILE
     ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
     quiet = fmt == "json" or not sys.stderr.isatty()
-    evaluation = evaluate(
-        target, data, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
-        progress=False if quiet else None, label=f"{args.target} T={max(steps)}",
-    )
+    try:
+        target.prepare(graph)
+        evaluation = evaluate(
+            target, data, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+            progress=False if quiet else None, label=f"{args.target} T={max(steps)}",
+        )
+    finally:
+        close = getattr(inner, "close", None)  # the Lava runtime holds OS processes
+        if callable(close):
+            close()
     result = write_report(
         args.artifact, evaluation, graph, fmt, args.out, energy_model=model, target=args.target,
         spike_maps=target.maps, data=data.source,
