@@ -370,7 +370,7 @@ def _without_energy(report: dict) -> dict:
     report = copy.deepcopy(report)
     report.pop("energy_model")
     report["totals"].pop("energy_pj")
-    report["totals"].pop("ann_over_snn")
+    report["totals"].pop("snn_over_ann")
     for row in report["layers"]:
         row.pop("energy_pj")
     return report

@@ -65,19 +65,25 @@ def firing_rate_png(report: dict[str, Any]) -> bytes:
 
 def energy_png(report: dict[str, Any]) -> bytes:
     rows = report["layers"]
-    figure = _figure(7.2, 3.8)
+    figure = _figure(7.2, 4.2)
     axes = figure.add_subplot()
     width = 0.27
+    positive = []
     for index, (key, label) in enumerate(report["estimates"].items()):
         values = [r["energy_pj"][key]["total"] / 1e3 for r in rows]
-        axes.bar([i + (index - 1) * width for i in range(len(rows))], values, width, label=label)
-    axes.set_xticks(range(len(rows)), [_short(r["name"]) for r in rows], rotation=45 if len(rows) > 4 else 0,
-                    ha="right" if len(rows) > 4 else "center")
-    axes.set_yscale("symlog", linthresh=1e-3)
-    axes.set_ylabel("nJ per sample")
-    axes.set_title(f"Energy per layer (T = {report['steps']}, model: see constants)")
+        positive += [v for v in values if v > 0]
+        shown = [v if v > 0 else float("nan") for v in values]  # zero has no place on a log axis
+        axes.bar([i + (index - 1) * width for i in range(len(rows))], shown, width, label=label)
+    rotate = len(rows) > 4
+    axes.set_xticks(range(len(rows)), [_short(r["name"]) for r in rows], rotation=30 if rotate else 0,
+                    ha="right" if rotate else "center")
+    if positive:
+        axes.set_yscale("log")
+        axes.set_ylim(min(positive) / 3, max(positive) * 3)
+    axes.set_ylabel("nJ per sample (log scale)")
+    axes.set_title(f"Energy per layer (T = {report['steps']})")
     axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(fontsize="small")
+    figure.legend(loc="outside lower center", ncol=3, fontsize="small")
     return _png(figure)
 
 

@@ -188,8 +188,8 @@ def tables(report: dict[str, Any]) -> dict[str, Table]:
         [f"energy per sample, Loihi model ({unit})", fmt_energy(e["loihi"]["total"], scale)],
         [f"energy per sample, SNN with E_AC ({unit})", fmt_energy(e["snn_ac"]["total"], scale)],
         [f"energy per sample, ANN with E_MAC ({unit})", fmt_energy(e["ann"]["total"], scale)],
-        ["ANN / SNN energy, Loihi model", fmt_ratio(totals["ann_over_snn"]["loihi"])],
-        ["ANN / SNN energy, E_AC", fmt_ratio(totals["ann_over_snn"]["snn_ac"])],
+        ["SNN energy / ANN energy, Loihi model", fmt_ratio(totals["snn_over_ann"]["loihi"])],
+        ["SNN energy / ANN energy, E_AC", fmt_ratio(totals["snn_over_ann"]["snn_ac"])],
     ]
     total_table = (["quantity", "value"], total_rows)
 
