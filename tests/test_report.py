@@ -226,8 +226,8 @@ def _brute_force_fanout(graph: ir.Graph, source: str) -> np.ndarray:
 
 
 def _odd_ann(seed: int = 5) -> ir.Graph:
-    """Asymmetric padding, stride, groups, a residual add, an overlapping pool, a max-pool, an add and a
-    concat fed twice by the same layer (paths that meet again), flatten and linear into the readout."""
+    """Asymmetric padding, stride, groups, a residual add, an overlapping pool before a grouped conv, a max-pool,
+    an add and a concat fed twice by the same layer (paths that meet again), flatten and linear into the readout."""
     rng = np.random.default_rng(seed)
 
     def w(*shape: int) -> np.ndarray:
@@ -243,18 +243,18 @@ def _odd_ann(seed: int = 5) -> ir.Graph:
         ir.Add("res", ["conv3", "a1"]),
         ir.Relu("a3", ["res"], ceiling=one),
         ir.AvgPool2d("pool3", ["a3"], kernel=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1)),
-        ir.Conv2d("conv4", ["pool3"], weight=w(3, 4, 2, 2), bias=np.full(3, 0.05, np.float32)),
+        ir.Conv2d("conv4", ["pool3"], weight=w(4, 2, 2, 2), bias=np.full(4, 0.05, np.float32), groups=2),
         ir.Relu("a4", ["conv4"], ceiling=one),
-        ir.Conv2d("conv5", ["a4"], weight=w(3, 3, 1, 1), bias=np.zeros(3, np.float32)),
+        ir.Conv2d("conv5", ["a4"], weight=w(4, 4, 1, 1), bias=np.zeros(4, np.float32)),
         ir.Add("skip", ["conv5", "a4"]),
         ir.Relu("a5", ["skip"], ceiling=one),
         ir.MaxPool2d("mpool", ["a5"], kernel=(2, 2), stride=(1, 1)),
-        ir.Conv2d("conv6", ["a5"], weight=w(2, 3, 1, 1), bias=np.zeros(2, np.float32)),
+        ir.Conv2d("conv6", ["a5"], weight=w(2, 4, 1, 1), bias=np.zeros(2, np.float32)),
         ir.Concat("cat", ["conv6", "a5"]),
         ir.Flatten("flat", ["cat"]),
-        ir.Linear("fc", ["flat"], weight=w(6, 30), bias=np.zeros(6, np.float32)),
+        ir.Linear("fc", ["flat"], weight=w(6, 36), bias=np.zeros(6, np.float32)),
         ir.Flatten("mflat", ["mpool"]),
-        ir.Linear("fcm", ["mflat"], weight=w(6, 6), bias=np.zeros(6, np.float32)),
+        ir.Linear("fcm", ["mflat"], weight=w(6, 8), bias=np.zeros(6, np.float32)),
         ir.Add("logits", ["fc", "fcm"]),
     ]
     graph = ir.Graph("x", (2, 7, 7), nodes, "logits")
@@ -276,7 +276,7 @@ def test_fanout_equals_a_brute_force_count(make):
         if population.fanout_method == "adjoint":
             np.testing.assert_array_equal(fanout_adjoint(graph, population.name), expected)
     if make is _odd_ann:
-        assert methods == {"adjoint", "one-hot"}
+        assert methods == {"adjoint", "separable", "one-hot"}
         # where paths meet again, counting paths would over-count: the one-hot count is needed
         assert (fanout_adjoint(graph, "a5") > fanout(graph, "a5")[0]).all()
         assert graph.node("a1").shape == (4, 4, 3)  # the asymmetric padding is really exercised

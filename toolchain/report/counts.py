@@ -19,10 +19,13 @@ Two exact ways to count it, chosen per chain:
   number of distinct targets whenever no two paths of one neuron can meet again
   (true for conv -> neuron, non-overlapping pool -> conv, flatten -> linear,
   residual blocks with a neuron on each branch);
-* one-hot: push one-hot inputs (in chunks) through the chain, binarising after every
-  op, and count what arrives. Used when paths can meet (overlapping pools before a
-  conv, conv -> pool before a neuron, conv -> conv without a neuron, an Add fed twice
-  by the same source).
+* separable: where paths can meet in a plain sequence of conv / pool ops (overlapping
+  pool -> conv, conv -> pool before the neuron, conv -> conv), channels and space are
+  counted apart (each op's pattern is a Kronecker product) and multiplied; space by
+  pushing one-hots through a one-channel copy of the chain, binarising after every op;
+* one-hot: otherwise (an Add or Concat fed twice by the same source) push one-hot
+  inputs for every neuron (in chunks) through the binarised chain and count what
+  arrives. Exact and general, but slow for large layers.
 
 The ANN's MACs are counted per synapse op (conv, linear) on one sample; bias adds,
 pooling, affine scaling and activations are not counted.
@@ -57,7 +60,7 @@ class Population:
     drives: list[str] = field(default_factory=list)  # synapse-chain nodes, in graph order
     targets: list[str] = field(default_factory=list)  # populations the chain reaches
     ann_macs: int = 0  # ANN MACs (per sample) of the synapse ops attributed to this population's chain
-    fanout_method: str = ""  # "adjoint" | "one-hot" | ""
+    fanout_method: str = ""  # "adjoint" | "separable" | "one-hot" | ""
     through_maxpool: bool = False  # the chain passes a spiking max-pool: synops are an upper bound
 
     @property
@@ -179,9 +182,62 @@ def fanout(graph: ir.Graph, source: str) -> tuple[np.ndarray, str]:
     chain, targets = _chain(graph, source)
     if not targets:
         return np.zeros(int(math.prod(graph.shape_of(source))), np.int64), ""
-    if _may_merge_paths(graph, source, chain):
-        return fanout_one_hot(graph, source), "one-hot"
-    return fanout_adjoint(graph, source), "adjoint"
+    if not _may_merge_paths(graph, source, chain):
+        return fanout_adjoint(graph, source), "adjoint"
+    if _is_simple_spatial_chain(graph, source, chain, targets):
+        return fanout_separable(graph, source), "separable"
+    return fanout_one_hot(graph, source), "one-hot"
+
+
+def _is_simple_spatial_chain(graph: ir.Graph, source: str, chain: list[ir.Node], targets: list[str]) -> bool:
+    """A plain sequence of conv / pool / affine ops on (C, H, W) tensors ending at the next populations."""
+    if len(graph.shape_of(source)) != 3 or not chain:
+        return False
+    previous = source
+    for node in chain:
+        if not isinstance(node, (ir.Conv2d, ir.AvgPool2d, ir.MaxPool2d, ir.Affine)) or node.inputs != [previous]:
+            return False
+        previous = node.name
+    return all(graph.node(t).inputs == [previous] for t in targets)
+
+
+def fanout_separable(graph: ir.Graph, source: str) -> np.ndarray:
+    """Distinct targets through a plain conv / pool chain, channels and space counted apart.
+
+    Each op's connection pattern is (channel pattern) x (spatial pattern), a Kronecker product
+    of non-negative matrices, so the chain's pattern is the product of the channel patterns
+    times the product of the spatial patterns, and a column's count is the product of the two
+    columns' counts. Space is counted by pushing one-hots through a one-channel copy of the chain.
+    """
+    chain, targets = _chain(graph, source)
+    channels, height, width = graph.shape_of(source)
+    pattern = np.eye(channels, dtype=bool)
+    for node in chain:
+        if isinstance(node, ir.Conv2d):
+            c_out, per_group_in = node.weight.shape[:2]
+            per_group_out = c_out // node.groups
+            groups = np.arange(c_out)[:, None] // per_group_out == np.arange(per_group_in * node.groups)[None, :] // per_group_in
+            pattern = (groups.astype(np.int64) @ pattern.astype(np.int64)) > 0
+    per_channel = pattern.sum(0).astype(np.int64) * len(targets)
+    positions = height * width
+    largest = max([positions] + [int(math.prod(n.shape[1:])) for n in chain])
+    chunk = max(1, min(positions, _ONE_HOT_BUDGET // largest))
+    per_position = np.zeros(positions, np.int64)
+    with torch.no_grad():
+        for begin in range(0, positions, chunk):
+            end = min(positions, begin + chunk)
+            x = torch.zeros((end - begin, positions), dtype=torch.float32)
+            x[torch.arange(end - begin), torch.arange(begin, end)] = 1.0
+            x = x.reshape((end - begin, 1, height, width))
+            for node in chain:
+                if isinstance(node, ir.Conv2d):
+                    ones = torch.ones((1, 1, *node.weight.shape[2:]), dtype=x.dtype)
+                    x = F.conv2d(_pad(x, node.padding), ones, None, node.stride, 0, node.dilation)
+                elif isinstance(node, (ir.AvgPool2d, ir.MaxPool2d)):
+                    x = _pool(node, [x])
+                x = (x > 0).to(x.dtype)
+            per_position[begin:end] = x.flatten(1).sum(1).round().to(torch.int64).numpy()
+    return (per_channel[:, None] * per_position[None, :]).reshape(-1)
 
 
 def fanout_adjoint(graph: ir.Graph, source: str) -> np.ndarray:
