@@ -130,6 +130,9 @@ def test_report_spikes_equal_the_loihi_emulators_spikes(snn, data):
     for name, total in recorded.items():
         assert _layer(report, name)["spikes"] * len(data) == pytest.approx(total, abs=1e-6)
     assert report["totals"]["spikes"] * len(data) == pytest.approx(sum(recorded.values()), abs=1e-6)
+    assert all(r["synops_method"] == "exact" for r in report["layers"] if r["kind"] == "if")
+    plain = build_report(snn, _evaluate(SpikeMapRecorder(target, rerun=False), snn, data), target="loihi")
+    assert all(r["synops_method"] == "mean fan-out" for r in plain["layers"] if r["kind"] == "if")
 
 
 @pytest.mark.lava

@@ -121,8 +121,8 @@ def build_report(
                 row["synops_method"] = "mean fan-out"
             if pop.through_maxpool:
                 notes.append(
-                    f"{pop.name}: its spikes pass a spiking max-pool, which forwards only the leading input's spikes; "
-                    "its synaptic operations count every input spike and are an upper bound."
+                    f"{pop.name}: its spikes pass a spiking max-pool, which passes on only as many spikes as the most active "
+                    "input of each window; its synaptic operations count every spike and are an upper bound."
                 )
         else:  # readout: accumulates its input at every step, never spikes
             row["neuron_updates"] = pop.neurons * steps
