@@ -108,7 +108,9 @@ class LavaTarget:
 
     Options: `fixed` (a pre-quantised FixedGraph), `tag` ("fixed_pt", default, bit-exact with the
     emulator; or "floating_pt": the same network in float64 models), `record` (keep every IF layer's
-    spikes per step per neuron, for `run_recorded`), `on_overflow` ("raise" or "saturate"), and the keyword
+    spikes per step per neuron, for `run_recorded`), `on_overflow` ("raise" or "saturate"), `fast_sparse`
+    (default True: Sparse connections receive binary spikes as 1-bit graded payloads, same sums, faster
+    CSR products), and the keyword
     arguments of `toolchain.quantize.quantize`. Call `close()` (or use it as a context manager) to stop the
     Lava runtime.
     """
@@ -121,6 +123,7 @@ class LavaTarget:
         tag: str = "fixed_pt",
         record: bool = False,
         on_overflow: str = "raise",
+        fast_sparse: bool = True,
         **options: object,
     ):
         if tag not in TAGS:
@@ -131,6 +134,8 @@ class LavaTarget:
         self.tag = tag
         self.record = record
         self.on_overflow = on_overflow
+        self.fast_sparse = fast_sparse
+        self.startup_seconds: float | None = None
         self.quantize_options = {k: v for k, v in options.items() if k in QUANTIZE_OPTIONS and v is not None}
         self.network: _Network | None = None
         self.overflows: dict[str, int] = {}
@@ -169,8 +174,11 @@ class LavaTarget:
         for layer in fixed.layers:
             matrix = connection_matrix(layer)
             graded = layer.source is None
+            # Binary spikes as 1-bit graded payloads (0/1) give the same sums, but Lava's Sparse then
+            # takes a CSR mat-vec instead of slicing columns, which is ~10x faster.
+            binary_bits = 1 if (self.fast_sparse and layer.synapse != "dense") else 0
             conn_options: dict[str, Any] = {
-                "num_message_bits": fixed.input_bits if graded else 0,
+                "num_message_bits": fixed.input_bits if graded else binary_bits,
                 "name": f"{layer.name}/synapse",
             }
             if fixed_pt:
@@ -195,6 +203,7 @@ class LavaTarget:
                     offset=depth[layer.name],
                     window=steps,
                     record=self.record,
+                    probe_buffer=period,
                     name=layer.name,
                 )
             else:
@@ -205,6 +214,7 @@ class LavaTarget:
                     period=period,
                     offset=depth[layer.name],
                     window=steps,
+                    probe_buffer=period,
                     name=layer.name,
                 )
                 readout = pop
@@ -254,17 +264,23 @@ class LavaTarget:
         spikes = {layer.name: np.zeros((steps, batch, *layer.shape), bool) for layer in fixed.if_layers} if self.record else {}
         readout = np.zeros((steps, batch, fixed.layer(fixed.output).size), np.int64)
         started = time.perf_counter()
+        first = network.started
         for b in range(batch):
+            if b == 1 and not first:  # the first run compiled and started the runtime
+                self.startup_seconds = time.perf_counter() - started
+                started = time.perf_counter()
             self._run_sample(network, x_u[b])
-            window = slice(depth[fixed.output], depth[fixed.output] + steps)
-            readout[:, b] = np.round(network.readout.trace.get()[window]).astype(np.int64)
-            for layer in fixed.if_layers:
-                pop = network.populations[layer.name]
-                rows = slice(depth[layer.name], depth[layer.name] + steps)
-                counts[layer.name] += pop.spike_count.get()[rows]
+            for layer in fixed.layers:
+                probe = _drain(network.populations[layer.name], network.period)
+                window = probe[depth[layer.name] : depth[layer.name] + steps]
+                if layer.kind == "readout":
+                    readout[:, b] = np.round(window).astype(np.int64)
+                    continue
+                counts[layer.name] += window[:, 0]
                 if self.record:
-                    spikes[layer.name][:, b] = pop.spike_trace.get()[rows].reshape((steps, *layer.shape)) != 0
-        self.seconds_per_sample = (time.perf_counter() - started) / max(1, batch)
+                    spikes[layer.name][:, b] = window[:, 1:].reshape((steps, *layer.shape)) != 0
+        timed = batch if first or batch == 1 else batch - 1
+        self.seconds_per_sample = (time.perf_counter() - started) / timed
         overflows = self._read_overflows(network)
         return Recording(spikes, readout, {k: np.array([v]) for k, v in overflows.items()}, counts)
 
@@ -305,6 +321,12 @@ class LavaTarget:
         self.close()
 
 
+def _drain(population: Any, count: int) -> np.ndarray:
+    """The `count` messages a population's probe sent during one sample, stacked."""
+    port = population.probe.external_pipe_csp_recv_port
+    return np.stack([np.array(port.recv(), copy=True) for _ in range(count)])
+
+
 def _stop(process: Any) -> None:
     try:
         process.stop()
@@ -330,6 +352,7 @@ class ValidationReport:
     overflows_emulator: dict[str, int]
     lava_seconds_per_sample: float
     lava_build_seconds: float
+    lava_startup_seconds: float  # wall time of the first sample: compiling, starting the runtime, running it
     emulator_seconds: float
     spikes_compared: int
 
@@ -379,6 +402,7 @@ def validate(graph: ir.Graph | FixedGraph, x_batch: np.ndarray, steps: int, **op
         overflows_emulator={k: int(v.sum()) for k, v in expected.overflows.items()},
         lava_seconds_per_sample=float(lava.seconds_per_sample or 0.0),
         lava_build_seconds=float(lava.build_seconds or 0.0),
+        lava_startup_seconds=float(lava.startup_seconds or 0.0),
         emulator_seconds=emulator_seconds,
         spikes_compared=int(sum(v.size for v in expected.spikes.values())),
     )

@@ -60,26 +60,44 @@ class Recording:
 @dataclass
 class _Compiled:
     layer: FixedLayer
-    weight: torch.Tensor  # float64
-    bias: torch.Tensor  # int64, (*shape)
-    v0: torch.Tensor  # int64, (*shape)
+    weight: torch.Tensor  # float32 or float64 (whichever is exact for this layer)
+    bias: torch.Tensor  # int32 or int64, (*shape)
+    v0: torch.Tensor  # like bias
+    state_dtype: torch.dtype
+
+
+def _input_bound(layer: FixedLayer, payload_max: int) -> int:
+    """Largest |sum(q * s)| any output of the layer can see (before the exponent)."""
+    q = np.abs(layer.weight.astype(np.int64))
+    per_output = q.reshape(q.shape[0], -1).sum(1).max(initial=0)
+    return int(per_output) * payload_max * layer.pool[0] * layer.pool[1]
+
+
+def _compile(layer: FixedLayer, payload_max: int, device: torch.device) -> _Compiled:
+    bound = _input_bound(layer, payload_max)
+    # float32 sums of integers are exact below 2**24; on CPU the convolution and matmul kernels only
+    # multiply and add, so take float32 there when the bound allows (rounding absorbs nothing else).
+    exact32 = device.type == "cpu" and bound < 2**22
+    weight_dtype = torch.float32 if exact32 else torch.float64
+    u_bound = (bound << max(layer.weight_exp, 0)) + int(np.abs(layer.bias()).max(initial=0))
+    state_dtype = torch.int32 if u_bound < 2**30 else torch.int64
+    return _Compiled(
+        layer,
+        torch.as_tensor(layer.weight.astype(np.float64), device=device).to(weight_dtype),
+        torch.as_tensor(layer.bias(), device=device).to(state_dtype),
+        torch.as_tensor(layer.v0.astype(np.int64), device=device).to(state_dtype),
+        state_dtype,
+    )
 
 
 class Emulator:
-    """Runs a FixedGraph on int64 torch tensors."""
+    """Runs a FixedGraph on integer torch tensors."""
 
     def __init__(self, fixed: FixedGraph, device: str | torch.device = "auto"):
         self.fixed = fixed
         self.device = resolve_device(device)
-        self.compiled = [
-            _Compiled(
-                layer,
-                torch.as_tensor(layer.weight.astype(np.float64), device=self.device),
-                torch.as_tensor(layer.bias(), device=self.device),
-                torch.as_tensor(layer.v0.astype(np.int64), device=self.device),
-            )
-            for layer in fixed.layers
-        ]
+        input_max = 2**fixed.input_bits - 1
+        self.compiled = [_compile(layer, input_max if layer.source is None else 1, self.device) for layer in fixed.layers]
         self.last_use: dict[str | None, int] = {}
         for index, layer in enumerate(fixed.layers):
             self.last_use[layer.source] = index
@@ -97,52 +115,55 @@ class Emulator:
                 y = F.conv2d(x, c.weight, None, layer.stride, 0, layer.dilation, layer.groups)
         else:
             y = x.flatten(1) @ c.weight.T
-        y = torch.round(y).to(torch.int64)
+        y = torch.round(y).to(c.state_dtype)
         if layer.weight_exp >= 0:
             return y << layer.weight_exp
         return y >> -layer.weight_exp
 
     def synapse(self, c: _Compiled, source: torch.Tensor) -> torch.Tensor:
-        """(L, B, *in_shape) payloads -> (L, B, *shape) int64 dendritic input (without bias)."""
+        """(L, B, *in_shape) payloads -> (L, B, *shape) dendritic input plus bias (integers)."""
         steps, batch = source.shape[:2]
         flat = source.reshape((steps * batch, *source.shape[2:]))
         per_item = max(int(np.prod(c.layer.in_shape)), c.layer.size)
         chunk = max(1, CHUNK_ELEMENTS // per_item)
-        parts = [self._synapse_chunk(c, flat[i : i + chunk].to(torch.float64)) for i in range(0, flat.shape[0], chunk)]
-        return torch.cat(parts).reshape((steps, batch, *c.layer.shape))
+        parts = [self._synapse_chunk(c, flat[i : i + chunk].to(c.weight.dtype)) for i in range(0, flat.shape[0], chunk)]
+        return torch.cat(parts).reshape((steps, batch, *c.layer.shape)).add_(c.bias)
 
     # ---------------------------------------------------------------- neurons
 
     @staticmethod
-    def _if_loop(c: _Compiled, a: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _saturate(v: torch.Tensor, overflow: list[int], t: int) -> None:
+        low, high = torch.aminmax(v)
+        if int(high) > V_MAX or int(low) < -V_MAX:
+            overflow[t] += int(((v > V_MAX) | (v < -V_MAX)).sum())
+            v.clamp_(-V_MAX, V_MAX)
+
+    @classmethod
+    def _if_loop(cls, c: _Compiled, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
         theta = c.layer.threshold
-        batch = a.shape[1]
+        batch = u.shape[1]
         v = c.v0.expand((batch, *c.v0.shape)).clone()
         out = torch.empty((steps, *v.shape), dtype=torch.bool, device=v.device)
-        overflow = torch.zeros(steps, dtype=torch.int64, device=v.device)
-        constant = a.shape[0] == 1
-        u = a[0] + c.bias if constant else None
+        overflow = [0] * steps
+        constant = u.shape[0] == 1
         for t in range(steps):
-            v += u if constant else a[t] + c.bias
-            overflow[t] = ((v > V_MAX) | (v < -V_MAX)).sum()
-            v.clamp_(-V_MAX, V_MAX)
-            spiked = v >= theta
-            out[t] = spiked
-            v -= spiked.to(torch.int64) * theta
-        return out, overflow
+            v += u[0 if constant else t]
+            cls._saturate(v, overflow, t)
+            spiked = torch.ge(v, theta, out=out[t])
+            v.sub_(spiked.to(v.dtype).mul_(theta))
+        return out, np.asarray(overflow, np.int64)
 
-    @staticmethod
-    def _readout_loop(c: _Compiled, a: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = a.shape[1]
-        acc = c.v0.expand((batch, *c.v0.shape)).clone()
+    @classmethod
+    def _readout_loop(cls, c: _Compiled, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
+        batch = u.shape[1]
+        acc = c.v0.expand((batch, *c.v0.shape)).to(torch.int64).clone()
         out = torch.empty((steps, *acc.shape), dtype=torch.int64, device=acc.device)
-        overflow = torch.zeros(steps, dtype=torch.int64, device=acc.device)
+        overflow = [0] * steps
         for t in range(steps):
-            acc += a[0 if a.shape[0] == 1 else t] + c.bias
-            overflow[t] = ((acc > V_MAX) | (acc < -V_MAX)).sum()
-            acc.clamp_(-V_MAX, V_MAX)
+            acc += u[0 if u.shape[0] == 1 else t]
+            cls._saturate(acc, overflow, t)
             out[t] = acc
-        return out, overflow
+        return out, np.asarray(overflow, np.int64)
 
     # -------------------------------------------------------------------- run
 
@@ -156,18 +177,18 @@ class Emulator:
         readout: torch.Tensor | None = None
         for index, c in enumerate(self.compiled):
             layer = c.layer
-            a = self.synapse(c, values[layer.source])
+            u = self.synapse(c, values[layer.source])
             if self.last_use.get(layer.source) == index:
                 values.pop(layer.source, None)
             if layer.kind == "if":
-                out, overflow = self._if_loop(c, a, steps)
+                out, overflow = self._if_loop(c, u, steps)
                 values[layer.name] = out
                 counts[layer.name] = out.flatten(1).sum(1)
                 if keep_spikes:
                     spikes[layer.name] = out.cpu().numpy()
             else:
-                readout, overflow = self._readout_loop(c, a, steps)
-            overflows[layer.name] = overflow.cpu().numpy()
+                readout, overflow = self._readout_loop(c, u, steps)
+            overflows[layer.name] = overflow
         assert readout is not None
         return Recording(spikes, readout.cpu().numpy(), overflows, {k: v.cpu().numpy() for k, v in counts.items()})
 

@@ -21,6 +21,8 @@ def _in_window(phase: int, offset: np.ndarray, window: np.ndarray) -> bool:
 
 
 class _IFBase(PyLoihiProcessModel):
+    PROBE_DTYPE: type = np.int32
+
     def _phase(self) -> int:
         return (self.time_step - 1) % int(self.period[0])
 
@@ -37,9 +39,11 @@ class _IFBase(PyLoihiProcessModel):
         spikes = v >= self.vth[0]
         v = v - spikes * self.vth[0]
         self.v[:] = v
-        self.spike_count[phase] = int(spikes.sum())
-        if self.spike_trace.shape[0] == self.spike_count.shape[0]:
-            self.spike_trace[phase] = spikes.reshape(-1)
+        probe = np.empty(self.probe.shape, self.PROBE_DTYPE)
+        probe[0] = spikes.sum()
+        if probe.size > 1:
+            probe[1:] = spikes.reshape(-1)
+        self.probe.send(probe)
         return spikes
 
 
@@ -58,8 +62,7 @@ class PyIFResetFixed(_IFBase):
     offset: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
     window: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
     overflow: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
-    spike_count: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
-    spike_trace: np.ndarray = LavaPyType(np.ndarray, np.int8, precision=1)
+    probe: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=32)
 
     def run_spk(self) -> None:
         a_in = self.a_in.recv().astype(np.int64)
@@ -72,6 +75,7 @@ class PyIFResetFixed(_IFBase):
 @requires(CPU)
 @tag("floating_pt")
 class PyIFResetFloat(_IFBase):
+    PROBE_DTYPE = np.float64
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
     v: np.ndarray = LavaPyType(np.ndarray, float)
@@ -83,8 +87,7 @@ class PyIFResetFloat(_IFBase):
     offset: np.ndarray = LavaPyType(np.ndarray, int)
     window: np.ndarray = LavaPyType(np.ndarray, int)
     overflow: np.ndarray = LavaPyType(np.ndarray, int)
-    spike_count: np.ndarray = LavaPyType(np.ndarray, int)
-    spike_trace: np.ndarray = LavaPyType(np.ndarray, np.int8)
+    probe: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=32)
 
     def run_spk(self) -> None:
         a_in = self.a_in.recv().astype(np.float64)
@@ -93,6 +96,8 @@ class PyIFResetFloat(_IFBase):
 
 
 class _AccumulatorBase(PyLoihiProcessModel):
+    PROBE_DTYPE: type = np.int32
+
     def _step(self, a_in: np.ndarray, bias: np.ndarray) -> None:
         phase = (self.time_step - 1) % int(self.period[0])
         if phase == int(self.offset[0]):
@@ -104,7 +109,7 @@ class _AccumulatorBase(PyLoihiProcessModel):
                 self.overflow[0] += int(over.sum())
             acc = np.clip(acc, -V_MAX, V_MAX)
         self.acc[:] = acc
-        self.trace[phase] = acc.reshape(-1)
+        self.probe.send(acc.astype(self.PROBE_DTYPE))
 
 
 @implements(proc=Accumulator, protocol=LoihiProtocol)
@@ -119,7 +124,7 @@ class PyAccumulatorFixed(_AccumulatorBase):
     offset: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
     window: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
     overflow: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=32)
-    trace: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=24)
+    probe: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
 
     def run_spk(self) -> None:
         a_in = self.a_in.recv().astype(np.int64)
@@ -130,6 +135,7 @@ class PyAccumulatorFixed(_AccumulatorBase):
 @requires(CPU)
 @tag("floating_pt")
 class PyAccumulatorFloat(_AccumulatorBase):
+    PROBE_DTYPE = np.float64
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
     acc: np.ndarray = LavaPyType(np.ndarray, float)
     bias_mant: np.ndarray = LavaPyType(np.ndarray, float)
@@ -138,7 +144,7 @@ class PyAccumulatorFloat(_AccumulatorBase):
     offset: np.ndarray = LavaPyType(np.ndarray, int)
     window: np.ndarray = LavaPyType(np.ndarray, int)
     overflow: np.ndarray = LavaPyType(np.ndarray, int)
-    trace: np.ndarray = LavaPyType(np.ndarray, float)
+    probe: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def run_spk(self) -> None:
         a_in = self.a_in.recv().astype(np.float64)

@@ -21,8 +21,11 @@ class IFReset(AbstractProcess):
 
     Each step: v += a_in + (bias_mant << bias_exp); v saturates at +-(2**23 - 1) and every
     saturation is counted in `overflow`; s = v >= vth; v -= s * vth; s is sent.
-    `spike_trace` (record=True) keeps the spikes of each step of the period, `spike_count`
-    the number of spikes per step of the period.
+
+    `probe` is an OutPort flagged as an external pipe (read from the host with
+    `probe.external_pipe_csp_recv_port.recv()`, `probe_buffer` messages at most before it
+    blocks): each step it carries the number of spikes, followed by the spike vector when
+    `record` is set. (Var.get in Lava 0.10 moves arrays one element per message, far too slow.)
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class IFReset(AbstractProcess):
         offset: int = 0,
         window: int | None = None,
         record: bool = False,
+        probe_buffer: int = 64,
         name: str | None = None,
     ) -> None:
         super().__init__(shape=shape, name=name)
@@ -52,14 +56,14 @@ class IFReset(AbstractProcess):
         self.offset = Var(shape=(1,), init=offset)
         self.window = Var(shape=(1,), init=period if window is None else window)
         self.overflow = Var(shape=(1,), init=0)
-        self.spike_count = Var(shape=(period,), init=0)
-        self.spike_trace = Var(shape=(period, size) if record else (1, 1), init=0)
+        self.probe = OutPort(shape=(1 + size if record else 1,))
+        self.probe.flag_external_pipe(buffer_size=probe_buffer)
 
 
 class Accumulator(AbstractProcess):
     """Non-spiking readout: acc += a_in + (bias_mant << bias_exp), 24-bit, saturating (counted).
 
-    `trace[p]` holds the accumulator after step p of the period.
+    `probe` (an external-pipe OutPort, see `IFReset`) carries the accumulator after each step.
     """
 
     def __init__(
@@ -71,10 +75,10 @@ class Accumulator(AbstractProcess):
         period: int = 1,
         offset: int = 0,
         window: int | None = None,
+        probe_buffer: int = 64,
         name: str | None = None,
     ) -> None:
         super().__init__(shape=shape, name=name)
-        size = int(np.prod(shape))
         self.a_in = InPort(shape=shape)
         self.acc = Var(shape=shape, init=0)
         self.bias_mant = Var(shape=shape, init=bias_mant)
@@ -83,4 +87,5 @@ class Accumulator(AbstractProcess):
         self.offset = Var(shape=(1,), init=offset)
         self.window = Var(shape=(1,), init=period if window is None else window)
         self.overflow = Var(shape=(1,), init=0)
-        self.trace = Var(shape=(period, size), init=0)
+        self.probe = OutPort(shape=shape)
+        self.probe.flag_external_pipe(buffer_size=probe_buffer)
