@@ -1,11 +1,29 @@
 """Float simulation of the IR in PyTorch, batched, CPU or CUDA.
 
 The network is feed-forward without delays, so running it layer by layer over all
-time steps at once is exactly the step-by-step simulation: every synaptic map is
-applied to the whole (T, B, ...) stack in one call, and only the IF recurrence is
-a loop over T. A tensor that is the same at every step (the analog input and what
-is computed from it before the first neuron) is kept with a leading dimension of
-1 and broadcast, so the first layer's convolution runs once, not T times.
+time steps at once is exactly the step-by-step simulation (`targets.torch.reference`
+is that plain step-by-step loop; the tests hold the two to the same spikes): every
+synaptic map is applied to the whole (T, B, ...) stack in one call, and only the IF
+recurrence is a loop over T. A tensor that is the same at every step (the analog input
+and what is computed from it before the first neuron) is kept with a leading dimension
+of 1 and broadcast, so the first layer's convolution runs once, not T times.
+
+What makes it fast (measured in `bench/throughput.py`):
+
+- The IF scan works in place on preallocated buffers: per step one add, one compare,
+  one multiply into the output slice and one subtract, no allocation. Large fresh
+  tensors cost page faults on CPU; this is several times faster than the naive loop and
+  gives bit-identical spikes. `compile=True` replaces it by a `torch.compile`d scan
+  (one fused kernel per layer; also bit-identical), falling back to the eager scan with
+  a warning when compilation is not available.
+- Spike counts come from the comparison masks (exact integer counts, no extra pass
+  over float tensors, no host synchronisation until the batch ends).
+- The batch is run in chunks: bounded by a memory budget (so a T=256 x B=1024 VGG run
+  fits), and on CPU also by a cache-friendly working-set size, since a layer's whole
+  (T, B, ...) stack no longer fits in cache and memory-bound ops slow down.
+- Channels-last layout for convolutions and pooling (oneDNN / cuDNN NHWC kernels).
+- Optional float16 / bfloat16 synaptic ops on CUDA; membrane potentials, thresholds and
+  the readout stay in float32.
 
 The same executor runs the ANN (`Relu` nodes active, one "step") for calibration
 and for checking the frontend against onnxruntime.
@@ -13,6 +31,9 @@ and for checking the frontend against onnxruntime.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,14 +43,27 @@ import torch.nn.functional as F
 
 from targets.base import SimOutput
 from toolchain import ir
+from toolchain.errors import ToolchainError
+
+log = logging.getLogger(__name__)
 
 Observer = Callable[[ir.Node, torch.Tensor], None]
+
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Neuron parameters stay in float32 whatever the precision of the synaptic ops.
+FLOAT32_PARAMS = {"threshold", "v0"}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ToolchainError(f"--device {device!r}: not a torch device (use auto, cpu, cuda, cuda:1 ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ToolchainError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return resolved
 
 
 def _param(array: np.ndarray | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -59,6 +93,21 @@ def _pad(x: torch.Tensor, padding: tuple[int, ...], value: float = 0.0) -> tuple
     return F.pad(x, (left, right, top, bottom), value=value), None
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a (T, B, C, H, W) stack holds each image channels-last."""
+    return x.ndim == 5 and x.shape[2] > 1 and x.stride(2) == 1 and x[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def _empty_steps(like: torch.Tensor, steps: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised (steps, B, ...) stack with the per-image layout of `like` (T or 1, B, ...)."""
+    dtype = dtype or like.dtype
+    shape = (steps,) + tuple(like.shape[1:])
+    if _is_channels_last(like):
+        flat = torch.empty((steps * shape[1],) + shape[2:], dtype=dtype, device=like.device, memory_format=torch.channels_last)
+        return flat.reshape(shape)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
 @dataclass
 class CompiledNode:
     node: ir.Node
@@ -66,16 +115,41 @@ class CompiledNode:
 
 
 class TorchExecutor:
-    """Runs an IR graph on torch tensors; shared by the SNN simulator and the ANN reference."""
+    """Runs an IR graph on torch tensors; shared by the SNN simulator and the ANN reference.
 
-    def __init__(self, graph: ir.Graph, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32):
+    `dtype` is the precision of the synaptic ops (weights and activations); the IF
+    neurons' thresholds, potentials and the readout are float32 always.
+    `channels_last` stores images NHWC for convolutions and pooling (same values).
+    `compile` uses a `torch.compile`d IF scan (same spikes; falls back to eager).
+    """
+
+    def __init__(
+        self,
+        graph: ir.Graph,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
         self.graph = graph
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = dtype
+        self.channels_last = channels_last
+        self.compile = compile
         self.compiled = [
-            CompiledNode(n, {k: _param(v, self.device, dtype) for k, v in ir._arrays(n).items()})
+            CompiledNode(
+                n,
+                {
+                    k: _param(v, self.device, torch.float32 if k in FLOAT32_PARAMS else dtype)
+                    for k, v in ir._arrays(n).items()
+                },
+            )
             for n in graph.nodes
         ]
+        if channels_last:
+            for c in self.compiled:
+                if isinstance(c.node, ir.Conv2d):
+                    c.tensors["weight"] = c.tensors["weight"].contiguous(memory_format=torch.channels_last)
         # Free each intermediate once its last consumer has run.
         self.last_use: dict[str, int] = {}
         for index, n in enumerate(graph.nodes):
@@ -87,12 +161,32 @@ class TorchExecutor:
         return next(c.tensors[key] for c in self.compiled if c.node.name == node_name)
 
     @torch.inference_mode()
-    def run(self, x: torch.Tensor, steps: int, observe: Observer | None = None) -> torch.Tensor:
-        """x: (B, *input_shape). Returns the output node's value, (T or 1, B, ...)."""
-        values: dict[str, torch.Tensor] = {self.graph.input_name: x.to(self.device, self.dtype).unsqueeze(0)}
+    def run(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        observe: Observer | None = None,
+        counts: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, *input_shape). Returns the output node's value, (T or 1, B, ...).
+
+        When `counts` is a dict, every IF layer's spikes per step (summed over the batch,
+        exact int64, on the device) are stored in it under the layer's name.
+        """
+        x = x.to(self.device, self.dtype)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        values: dict[str, torch.Tensor] = {self.graph.input_name: x.unsqueeze(0)}
         for index, c in enumerate(self.compiled):
             args = [values[name] for name in c.node.inputs]
-            out = OPS[c.node.op](c, args, steps)
+            if c.node.op == "if":
+                layer_counts = None
+                if counts is not None:
+                    layer_counts = torch.zeros(steps, dtype=torch.int64, device=self.device)
+                    counts[c.node.name] = layer_counts
+                out = if_scan(args[0], c.tensors["threshold"], c.tensors["v0"], steps, layer_counts, self.compile)
+            else:
+                out = OPS[c.node.op](c, args, steps)
             values[c.node.name] = out
             if observe is not None:
                 observe(c.node, out)
@@ -100,6 +194,138 @@ class TorchExecutor:
                 if self.last_use.get(name) == index and name != self.graph.output:
                     values.pop(name, None)
         return values[self.graph.output]
+
+    def peak_bytes_per_sample(self, steps: int) -> int:
+        """An upper estimate of the memory one sample needs at the peak of a `run` for `steps` steps.
+
+        Follows which values are alive (the run frees each one after its last use), counts
+        (T or 1) x the node's elements for each, and adds each op's temporaries.
+        """
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        time_varying = {self.graph.input_name: False}
+        alive: dict[str, int] = {self.graph.input_name: math.prod(self.graph.input_shape) * itemsize}
+        peak = 0
+        for index, c in enumerate(self.compiled):
+            n = c.node
+            varying = n.op in ("if", "readout") or any(time_varying[i] for i in n.inputs)
+            time_varying[n.name] = varying
+            length = steps if varying else 1
+            out_bytes = length * math.prod(n.shape) * (4 if n.op == "readout" else itemsize)
+            in_bytes = sum(alive.get(i, 0) for i in n.inputs)
+            if n.op == "if":
+                temp = 3 * math.prod(n.shape) * 4  # membrane, mask, float32 staging
+            elif n.op == "maxpool2d" and varying:
+                temp = 3 * in_bytes + 2 * out_bytes  # cumsum, padding, running max
+            elif n.op in ("conv2d", "avgpool2d", "flatten", "concat"):
+                temp = in_bytes  # asymmetric padding, layout changes, broadcasts
+            else:
+                temp = 0
+            peak = max(peak, sum(alive.values()) + out_bytes + temp)
+            alive[n.name] = out_bytes
+            for name in n.inputs:
+                if self.last_use.get(name) == index and name != self.graph.output:
+                    alive.pop(name, None)
+        return peak
+
+    def largest_stack_bytes_per_sample(self, steps: int) -> int:
+        """The largest single (T, ...) value one sample produces: the working set of the biggest layer."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return max((steps * math.prod(c.node.shape) * itemsize for c in self.compiled), default=0)
+
+
+# ------------------------------------------------------------------ the IF scan
+
+
+def _if_scan_eager(
+    x: torch.Tensor, threshold: torch.Tensor, v0: torch.Tensor, steps: int, counts: torch.Tensor | None
+) -> torch.Tensor:
+    ndim = x.ndim - 1
+    theta = _channel_view(threshold, ndim)
+    constant = x.shape[0] == 1
+    out = _empty_steps(x, steps)
+    # v = v0 + x[0] is the first step's v = (0 + v0) + x[0]; float32 whatever the input precision.
+    v = x[0].to(torch.float32) + _channel_view(v0, ndim)
+    mask = torch.empty(v.shape, dtype=torch.bool, device=v.device)
+    staging = None if out.dtype == torch.float32 else torch.empty_like(v)
+    for t in range(steps):
+        if t:
+            v.add_(x[0] if constant else x[t])
+        torch.ge(v, theta, out=mask)
+        emitted = out[t] if staging is None else staging
+        torch.mul(mask, theta, out=emitted)  # spike * theta, exactly theta or 0
+        v.sub_(emitted)
+        if staging is not None:
+            out[t].copy_(staging)
+        if counts is not None:
+            counts[t] = torch.count_nonzero(mask)
+    return out
+
+
+def _scan_steps(x: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IF recurrence written plainly, for torch.compile to fuse into one kernel."""
+    constant = x.shape[0] == 1
+    outs = []
+    masks = []
+    for t in range(steps):
+        if t:
+            v = v + (x[0] if constant else x[t])
+        mask = v >= theta
+        emitted = mask * theta
+        v = v - emitted
+        outs.append(emitted)
+        masks.append(mask.flatten().sum())
+    return torch.stack(outs), torch.stack(masks)
+
+
+_compiled_scan: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+_compile_failed = False
+
+
+def _if_scan_compiled(
+    x: torch.Tensor, threshold: torch.Tensor, v0: torch.Tensor, steps: int, counts: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The fused scan, or None when torch.compile is not available here (after one warning)."""
+    global _compiled_scan, _compile_failed
+    if _compile_failed:
+        return None
+    ndim = x.ndim - 1
+    theta = _channel_view(threshold, ndim)
+    try:
+        if _compiled_scan is None:
+            # One specialisation per layer shape and T: allow more than dynamo's default few.
+            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+            _compiled_scan = torch.compile(_scan_steps, dynamic=False)
+        v = x[0].to(torch.float32) + _channel_view(v0, ndim)
+        out, step_counts = _compiled_scan(x, theta, v, steps)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager scan
+        _compile_failed = True
+        log.warning("torch.compile is not usable here (%s); using the eager IF scan", str(exc).splitlines()[0][:200])
+        return None
+    if counts is not None:
+        counts.copy_(step_counts)
+    return out.to(x.dtype)
+
+
+def if_scan(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    v0: torch.Tensor,
+    steps: int,
+    counts: torch.Tensor | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """IF neurons with reset by subtraction over `steps` steps.
+
+    x: input current, (T or 1, B, ...); threshold, v0: one value or one per channel.
+    Returns spike * threshold, (steps, B, ...). With `counts` (int64, (steps,)), stores
+    the number of spikes at each step, summed over everything else.
+    """
+    if compile:
+        out = _if_scan_compiled(x, threshold, v0, steps, counts)
+        if out is not None:
+            return out
+    return _if_scan_eager(x, threshold, v0, steps, counts)
 
 
 # ------------------------------------------------------------------ op kernels
@@ -121,14 +347,15 @@ def _linear(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tens
 def _avgpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
     n: ir.AvgPool2d = c.node  # type: ignore[assignment]
     x = args[0]
-    if n.count_include_pad:
-        padded, symmetric = _pad(_merge(x), n.padding)
-        y = F.avg_pool2d(padded, n.kernel, n.stride, symmetric or 0, count_include_pad=True)
-    else:
-        padded, symmetric = _pad(_merge(x), n.padding)
+    padded, symmetric = _pad(_merge(x), n.padding)
+    pad = symmetric or 0
+    if n.count_include_pad or not any(n.padding):
+        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=True)
+    elif symmetric is not None:
+        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=False)
+    else:  # asymmetric padding, padded cells not counted: divide by the pooled count of real cells
         ones = torch.ones_like(_merge(x)[:1, :1])
         ones, _ = _pad(ones, n.padding)
-        pad = symmetric or 0
         y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=True)
         y = y / F.avg_pool2d(ones, n.kernel, n.stride, pad, count_include_pad=True)
     return _split(y, x.shape[0])
@@ -184,22 +411,12 @@ def _relu(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor
 
 
 def _if_neuron(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
-    x = args[0]
-    threshold = _channel_view(c.tensors["threshold"], x.ndim - 1)
-    v = torch.zeros_like(x[0]) + _channel_view(c.tensors["v0"], x.ndim - 1)
-    out = torch.empty((steps,) + x.shape[1:], dtype=x.dtype, device=x.device)
-    constant = x.shape[0] == 1
-    for t in range(steps):
-        v = v + (x[0] if constant else x[t])
-        spiked = v >= threshold
-        out[t] = spiked
-        v = v - spiked * threshold
-    return out * threshold
+    return if_scan(args[0], c.tensors["threshold"], c.tensors["v0"], steps)
 
 
 def _readout(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
     x = args[0]
-    return torch.cumsum(x.expand((steps,) + x.shape[1:]), dim=0)
+    return torch.cumsum(x.expand((steps,) + x.shape[1:]), dim=0, dtype=torch.float32)
 
 
 OPS: dict[str, Callable[[CompiledNode, list[torch.Tensor], int], torch.Tensor]] = {
@@ -219,38 +436,101 @@ OPS: dict[str, Callable[[CompiledNode, list[torch.Tensor], int], torch.Tensor]] 
 
 # ------------------------------------------------------------------ the target
 
+# On CPU, a layer's (T x chunk) stack is kept near this size so memory-bound ops run
+# from cache rather than DRAM (measured in bench/throughput.py: see its chunk sweep).
+CPU_STACK_BYTES = 32 << 20
+CPU_MEMORY_BUDGET_MAX = 8 << 30
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes one batch chunk may use at its peak: half the free GPU memory, or a quarter of RAM (at most 8 GiB)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return int(min(total // 4, CPU_MEMORY_BUDGET_MAX))
+
 
 class TorchTarget:
-    """Float SNN simulation; implements `targets.base.Target`."""
+    """Float SNN simulation; implements `targets.base.Target`.
+
+    Options: `device` (auto, cpu, cuda, ...); `precision` of the synaptic ops (float32;
+    float16 and bfloat16 on CUDA only); `channels_last` (None: on for CUDA and CPU
+    convolutional nets); `compile` (torch.compile the IF scan; off by default);
+    `memory_budget` in bytes for one chunk's peak (None: see `default_memory_budget`);
+    `batch_chunk` to force the number of samples run together.
+    """
 
     name = "torch"
 
-    def __init__(self, device: str = "auto", **_: object):
+    def __init__(
+        self,
+        device: str = "auto",
+        precision: str = "float32",
+        channels_last: bool | None = None,
+        compile: bool = False,
+        memory_budget: int | None = None,
+        batch_chunk: int | None = None,
+        **_: object,
+    ):
+        if precision not in PRECISIONS:
+            raise ToolchainError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.device_name = device
+        self.precision = precision
+        self.channels_last = channels_last
+        self.compile = compile
+        self.memory_budget = memory_budget
+        self.batch_chunk = batch_chunk
         self.executor: TorchExecutor | None = None
 
     def prepare(self, graph: ir.Graph) -> None:
-        self.executor = TorchExecutor(graph, self.device_name)
+        device = resolve_device(self.device_name)
+        dtype = PRECISIONS[self.precision]
+        if dtype != torch.float32 and device.type != "cuda":
+            raise ToolchainError(f"precision {self.precision} is offered on CUDA only; use float32 on {device.type}")
+        channels_last = self.channels_last
+        if channels_last is None:
+            channels_last = any(isinstance(n, ir.Conv2d) for n in graph.nodes)
+        self.executor = TorchExecutor(graph, device, dtype, channels_last=channels_last, compile=self.compile)
+
+    def chunk_size(self, batch: int, steps: int) -> int:
+        """How many samples run together: within the memory budget and, on CPU, the cache-friendly size."""
+        executor = self.executor
+        assert executor is not None, "prepare() first"
+        if self.batch_chunk is not None:
+            return max(1, min(batch, self.batch_chunk))
+        budget = self.memory_budget if self.memory_budget is not None else default_memory_budget(executor.device)
+        chunk = budget // max(1, executor.peak_bytes_per_sample(steps))
+        if executor.device.type == "cpu":
+            chunk = min(chunk, CPU_STACK_BYTES // max(1, executor.largest_stack_bytes_per_sample(steps)))
+        return max(1, min(batch, chunk))
 
     def run(self, x: np.ndarray, steps: int) -> SimOutput:
         executor = self.executor
         assert executor is not None, "prepare() first"
-        spikes: dict[str, torch.Tensor] = {}
-
-        def count(node: ir.Node, value: torch.Tensor) -> None:
-            if isinstance(node, ir.IFNeuron):
-                threshold = _channel_view(executor.tensor(node.name, "threshold"), value.ndim - 1)
-                spikes[node.name] = (value / threshold).flatten(1).sum(1).round()
-
-        readout = executor.run(torch.as_tensor(x), steps, count)
+        batch = len(x)
+        chunk = self.chunk_size(batch, steps)
+        inputs = torch.as_tensor(x)
+        readouts: list[np.ndarray] = []
+        totals: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            for begin in range(0, batch, chunk):
+                counts: dict[str, torch.Tensor] = {}
+                readout = executor.run(inputs[begin : begin + chunk], steps, counts=counts)
+                readouts.append(readout.expand((steps,) + readout.shape[1:]).float().cpu().numpy())
+                for name, layer_counts in counts.items():
+                    totals[name] = totals[name] + layer_counts if name in totals else layer_counts
         return SimOutput(
-            readout=readout.float().cpu().numpy(),
-            spikes={k: v.double().cpu().numpy() for k, v in spikes.items()},
+            readout=np.concatenate(readouts, axis=1) if len(readouts) > 1 else readouts[0],
+            spikes={k: v.cpu().numpy().astype(np.float64) for k, v in totals.items()},
         )
 
 
 def make_target(device: str = "auto", **options: object) -> TorchTarget:
-    return TorchTarget(device=device, **options)
+    return TorchTarget(device=device, **options)  # type: ignore[arg-type]
 
 
 def run_ann(graph: ir.Graph, x: np.ndarray, device: str = "auto") -> np.ndarray:
