@@ -548,6 +548,19 @@ def test_torch_clip_relu_and_static_batch(tmp_path):
     assert ceilings == [1.25, 1.25, 1.25]
 
 
+def test_torch_initializers_as_inputs(tmp_path):
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).eval()
+    path = tmp_path / "inputs.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (torch.randn(1, 2, 4, 4),), str(path), opset_version=13, dynamo=False, keep_initializers_as_inputs=True
+        )
+    assert len(onnx.load(path).graph.input) > 1
+    graph = check(path, (2, 4, 4), batch=1)
+    assert ops(graph) == ["conv2d", "relu", "flatten", "linear"]
+
+
 def test_torch_relu6_and_hardtanh_zero_one(tmp_path):
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU6(), nn.Conv2d(2, 2, 1), nn.Hardtanh(0.0, 1.0))
     graph = check(export(tmp_path, net, (1, 5, 5), 17), (1, 5, 5), low=-4, high=4)

@@ -164,6 +164,11 @@ def test_reshape_that_does_not_flatten(tmp_path):
     expect_error(save(tmp_path, nodes, {"shape": np.array([0, 2, 16], np.int64)}), "'reshape'", "(Reshape)", "flatten")
 
 
+def test_reshape_that_mixes_samples(tmp_path):
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")]
+    expect_error(save(tmp_path, nodes, {"shape": np.array([1, -1], np.int64)}), "'reshape'", "batch dimension")
+
+
 def test_product_of_activations(tmp_path):
     nodes = [conv("conv", "x", "c"), helper.make_node("Mul", ["c", "c"], ["y"], name="square")]
     expect_error(save(tmp_path, nodes, {"w": rand(3, 2, 3, 3)}), "'square'", "(Mul)", "product")

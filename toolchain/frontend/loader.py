@@ -26,6 +26,7 @@ from toolchain.frontend.passes import Net, fold_affines, lower_elementwise, merg
 DEFAULT_DOMAINS = ("", "ai.onnx")
 BOUND_OPS = ("Clip", "Max", "Min")  # +-inf is a meaningful constant operand for these
 PREPROCESS_KEY = "toolchain.preprocess"
+DYNAMIC_BATCH = 2
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -155,7 +156,8 @@ class _Loader:
         for k, dim in enumerate(dims[1:], 1):
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 self.fail(f"input {value.name!r} dimension {k} is not a fixed size; export with static C, H, W")
-        batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else 1
+        # A dynamic batch is fixed at 2, not 1, so that ops mixing samples (a Reshape to [1, -1]) show up.
+        batch = dims[0].dim_value if dims[0].HasField("dim_value") and dims[0].dim_value > 0 else DYNAMIC_BATCH
         return value, graph.output[0], batch
 
     def infer(self, model: onnx.ModelProto, stage: str) -> dict[str, tuple[int, ...] | None]:
@@ -223,12 +225,19 @@ class _Loader:
 
         graph = model.graph
         initializers = {i.name for i in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+        # Large constants (weights) only need their type and shape for inference: declare them as inputs.
+        small = {name: np.asarray(a) for name, a in consts.items() if np.asarray(a).size <= 4096}
+        large = [
+            onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(a).dtype), np.shape(a))
+            for name, a in consts.items()
+            if name not in small
+        ]
         new_graph = onnx.helper.make_graph(
             nodes,
             "folded",
-            [v for v in graph.input if v.name not in initializers],
+            [v for v in graph.input if v.name not in initializers] + large,
             list(graph.output),
-            [numpy_helper.from_array(np.asarray(array), name) for name, array in consts.items()],
+            [numpy_helper.from_array(array, name) for name, array in small.items()],
         )
         folded = onnx.helper.make_model(new_graph, opset_imports=list(model.opset_import))
         folded.ir_version = model.ir_version
