@@ -387,6 +387,27 @@ def _lower_chain(chain: _Chain, in_shape: Shape, max_entries: int) -> _Synapse:
     return _Synapse("dense", matrix / area, pool)
 
 
+def _balance_rows(
+    normalised: np.ndarray, theta: np.ndarray, shape: Shape, ratio: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raise the thresholds of channels whose normalised weights dwarf the median channel's.
+
+    Returns the rescaled weights, the new per-channel (or scalar) thresholds and the factors."""
+    channels = shape[0]
+    rows = np.abs(normalised).reshape(normalised.shape[0], -1).max(1)
+    peaks = rows.reshape(channels, -1).max(1)  # conv: rows are channels; dense: rows are neurons
+    active = peaks[peaks > 0]
+    if active.size == 0:
+        return normalised, theta, np.ones(1)
+    cap = float(np.median(active)) * ratio
+    factor = np.maximum(1.0, peaks / cap)
+    if factor.max() <= 1.0:
+        return normalised, theta, np.ones(1)
+    per_row = np.repeat(factor, normalised.shape[0] // channels)
+    normalised = normalised / per_row.reshape((-1,) + (1,) * (normalised.ndim - 1))
+    return normalised, np.broadcast_to(theta, (channels,)) * factor, factor
+
+
 def _quantize_weights(normalised: np.ndarray, threshold_bits: int, qmax: int) -> tuple[np.ndarray, int, int]:
     """W' (threshold units) -> (q, weight_exp, Theta) with W' * Theta ~= q * 2**weight_exp."""
     peak = float(np.abs(normalised).max()) if normalised.size else 0.0
@@ -449,6 +470,7 @@ def quantize(
     input_range: tuple[Any, Any] | None = None,
     calibration: np.ndarray | None = None,
     max_dense_weights: int = 2**25,
+    max_row_ratio: float | None = 8.0,
 ) -> FixedGraph:
     """Quantise a converted float SNN graph to the fixed-point IR.
 
@@ -458,6 +480,12 @@ def quantize(
     input_bits: bits of the unsigned graded input spikes.
     input_range: (low, high) of the preprocessed input, scalars or per channel. Default: from
       `calibration` (preprocessed samples) if given, else raw uint8 pixels through `graph.preprocess`.
+    max_row_ratio: one threshold per population means one weight scale for all its channels; a channel
+      with a tiny float threshold (rarely active in calibration) has huge normalised weights and would
+      leave the others only a few bits. Channels whose largest normalised weight exceeds this many
+      times the median channel's get their threshold (and v0) raised until it does not; the next layer
+      compensates exactly (spikes carry the raised threshold). The float SNN then differs only in
+      those channels' ceilings. None or 0 disables it (pure folding).
     """
     if not 2 <= weight_bits <= 8:
         raise ToolchainError(f"weight_bits={weight_bits}: Loihi weights have 2 to 8 bits")
@@ -502,6 +530,9 @@ def quantize(
             src = _per_channel(src_theta, pooled).reshape(-1)
             dst = _per_channel(theta, shape).reshape(-1)
             normalised = syn.weight * src[None, :] / dst[:, None]
+        raised = np.ones(1)
+        if is_if and max_row_ratio:
+            normalised, theta, raised = _balance_rows(normalised, theta, shape, max_row_ratio)
         q, weight_exp, big_theta = _quantize_weights(normalised, threshold_bits, qmax)
 
         # bias: the full chain (biases, shifts, the input offset) applied to the base input
@@ -514,7 +545,8 @@ def quantize(
             bias_float = bias_float + 0.5
         bias_mant, bias_exp = _quantize_bias(bias_float, target.name)
         if is_if:
-            v0_float = _per_channel(target.v0, shape) / theta_full * big_theta  # type: ignore[attr-defined]
+            v0 = _per_channel(target.v0, shape) * _per_channel(raised, shape)  # type: ignore[attr-defined]
+            v0_float = v0 / theta_full * big_theta
         else:
             v0_float = np.zeros(shape)
         if np.abs(v0_float).max(initial=0) > V_MAX - big_theta:
@@ -551,6 +583,9 @@ def quantize(
             "v0_max_err": round(float(np.abs(v0 / big_theta - v0_float / big_theta).max(initial=0)), 6),
             "safe_steps": _safe_steps(layer, input_max if chain.source is None else 1),
         }
+        if raised.max() > 1:
+            layer.stats["raised_channels"] = int((raised > 1).sum())
+            layer.stats["max_raise"] = round(float(raised.max()), 3)
         layers.append(layer)
         if is_if:
             in_theta[target.name] = theta

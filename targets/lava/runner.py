@@ -391,7 +391,7 @@ def validate(graph: ir.Graph | FixedGraph, x_batch: np.ndarray, steps: int, **op
     finally:
         lava.close()
     order = [layer.name for layer in fixed.if_layers]
-    mismatch = _first_mismatch(order, got.spikes, expected.spikes)
+    mismatch = first_mismatch(order, got.spikes, expected.spikes)
     return ValidationReport(
         samples=len(x_batch),
         steps=steps,
@@ -408,7 +408,7 @@ def validate(graph: ir.Graph | FixedGraph, x_batch: np.ndarray, steps: int, **op
     )
 
 
-def _first_mismatch(order: list[str], got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any] | None:
+def first_mismatch(order: list[str], got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any] | None:
     """Earliest (sample, step) first, then the layer order, then the neuron index."""
     best: tuple[int, int, int, int] | None = None
     for index, name in enumerate(order):

@@ -55,6 +55,7 @@ class Recording:
     readout: np.ndarray  # (T, B, classes) int64 accumulator
     overflows: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (T,) saturation counts
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (T,) spikes summed over batch
+    neuron_counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (n,) summed over T and batch
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Emulator:
         spikes: dict[str, np.ndarray] = {}
         overflows: dict[str, np.ndarray] = {}
         counts: dict[str, torch.Tensor] = {}
+        neuron_counts: dict[str, torch.Tensor] = {}
         readout: torch.Tensor | None = None
         for index, c in enumerate(self.compiled):
             layer = c.layer
@@ -184,13 +186,20 @@ class Emulator:
                 out, overflow = self._if_loop(c, u, steps)
                 values[layer.name] = out
                 counts[layer.name] = out.flatten(1).sum(1)
+                neuron_counts[layer.name] = out.sum((0, 1), dtype=torch.int64).reshape(-1)
                 if keep_spikes:
                     spikes[layer.name] = out.cpu().numpy()
             else:
                 readout, overflow = self._readout_loop(c, u, steps)
             overflows[layer.name] = overflow
         assert readout is not None
-        return Recording(spikes, readout.cpu().numpy(), overflows, {k: v.cpu().numpy() for k, v in counts.items()})
+        return Recording(
+            spikes,
+            readout.cpu().numpy(),
+            overflows,
+            {k: v.cpu().numpy() for k, v in counts.items()},
+            {k: v.cpu().numpy() for k, v in neuron_counts.items()},
+        )
 
 
 class LoihiTarget:
@@ -242,6 +251,7 @@ class LoihiTarget:
         assert self.emulator is not None and self.fixed is not None, "prepare() first"
         readouts: list[np.ndarray] = []
         spikes: dict[str, np.ndarray] = {}
+        per_neuron: dict[str, np.ndarray] = {}
         readout_layer = self.fixed.layer(self.fixed.output)
         for begin in range(0, len(x), self.batch_size):
             recording = self.emulator.run_encoded(encode_input(self.fixed, x[begin : begin + self.batch_size]), steps)
@@ -249,8 +259,12 @@ class LoihiTarget:
             readouts.append(recording.readout)
             for name, count in recording.counts.items():
                 spikes[name] = spikes.get(name, 0) + count.astype(np.float64)
+            for name, count in recording.neuron_counts.items():
+                per_neuron[name] = per_neuron.get(name, 0) + count.astype(np.float64)
         readout = np.concatenate(readouts, axis=1).astype(np.float64) * _scale(readout_layer)
-        return SimOutput(readout=readout.astype(np.float32), spikes=spikes)
+        out = SimOutput(readout=readout.astype(np.float32), spikes=spikes)
+        out.neuron_spikes = per_neuron  # type: ignore[attr-defined]  # per-neuron totals, for exact SynOps
+        return out
 
     def _check_overflow(self, overflows: dict[str, np.ndarray]) -> None:
         for name, per_step in overflows.items():

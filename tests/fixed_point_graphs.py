@@ -1,0 +1,83 @@
+"""Small random SNN graphs for the fixed-point tests (quantize, Loihi emulator, Lava).
+
+`make_snn(seed, variant)` builds an ANN by hand, takes data-driven per-channel thresholds
+(99.9th percentile) and converts it, so every layer fires at useful rates.
+
+* "basic": conv -> IF -> avgpool -> conv -> IF -> avgpool -> flatten -> linear -> IF -> linear
+* "odd": affine input, strided conv with asymmetric padding, grouped dilated conv, an
+  overlapping average pool (folded into a dense synapse), an odd-sized pool (floors),
+  two consecutive linear maps (folded) and an affine after a conv.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from toolchain import ir
+from toolchain.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.convert import convert
+
+
+def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    fan_in = int(np.prod(shape[1:]))
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def _b(rng: np.random.Generator, n: int, scale: float = 0.1) -> np.ndarray:
+    return rng.uniform(-scale, 2 * scale, n).astype(np.float32)
+
+
+def make_ann(seed: int = 0, variant: str = "basic") -> ir.Graph:
+    rng = np.random.default_rng(seed)
+    if variant == "basic":
+        shape = (2, 10, 10)
+        nodes: list[ir.Node] = [
+            ir.Conv2d("conv1", ["x"], weight=_w(rng, 4, 2, 3, 3), bias=_b(rng, 4), padding=(1, 1, 1, 1)),
+            ir.Relu("act1", ["conv1"]),
+            ir.AvgPool2d("pool1", ["act1"]),
+            ir.Conv2d("conv2", ["pool1"], weight=_w(rng, 6, 4, 3, 3), bias=_b(rng, 6), padding=(1, 1, 1, 1)),
+            ir.Relu("act2", ["conv2"]),
+            ir.AvgPool2d("pool2", ["act2"]),
+            ir.Flatten("flat", ["pool2"]),
+            ir.Linear("fc1", ["flat"], weight=_w(rng, 16, 24), bias=_b(rng, 16)),
+            ir.Relu("act3", ["fc1"]),
+            ir.Linear("fc2", ["act3"], weight=_w(rng, 5, 16), bias=_b(rng, 5)),
+        ]
+    elif variant == "odd":
+        shape = (3, 9, 11)
+        nodes = [
+            ir.Affine("norm", ["x"], scale=rng.uniform(0.5, 2, 3).astype(np.float32), shift=_b(rng, 3, 0.3)),
+            ir.Conv2d("conv1", ["norm"], weight=_w(rng, 4, 3, 3, 3), bias=_b(rng, 4), stride=(2, 2), padding=(1, 0, 0, 1)),
+            ir.Relu("act1", ["conv1"]),
+            ir.Conv2d(
+                "conv2", ["act1"], weight=_w(rng, 4, 2, 3, 3), bias=_b(rng, 4), padding=(2, 2, 2, 2), dilation=(2, 2), groups=2
+            ),
+            ir.Affine("bn2", ["conv2"], scale=rng.uniform(0.5, 1.5, 4).astype(np.float32), shift=_b(rng, 4)),
+            ir.Relu("act2", ["bn2"]),
+            ir.AvgPool2d("pool2", ["act2"], kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1)),
+            ir.Conv2d("conv3", ["pool2"], weight=_w(rng, 6, 4, 1, 1), bias=_b(rng, 6)),
+            ir.Relu("act3", ["conv3"]),
+            ir.AvgPool2d("pool3", ["act3"]),
+            ir.Flatten("flat", ["pool3"]),
+            ir.Linear("fc1", ["flat"], weight=_w(rng, 12, 6), bias=_b(rng, 12)),
+            ir.Linear("fc1b", ["fc1"], weight=_w(rng, 10, 12), bias=_b(rng, 10)),
+            ir.Relu("act4", ["fc1b"]),
+            ir.Linear("fc2", ["act4"], weight=_w(rng, 4, 10), bias=_b(rng, 4)),
+        ]
+    else:
+        raise ValueError(variant)
+    graph = ir.Graph("x", shape, nodes, nodes[-1].name)
+    graph.infer_shapes()
+    return graph
+
+
+def make_inputs(graph: ir.Graph, count: int, seed: int = 1) -> np.ndarray:
+    """Inputs in [0, 1] (so `input_range=(0, 1)` covers them)."""
+    return np.random.default_rng(seed).uniform(0, 1, (count, *graph.input_shape)).astype(np.float32)
+
+
+def make_snn(seed: int = 0, variant: str = "basic", per_channel: bool = True) -> ir.Graph:
+    ann = make_ann(seed, variant)
+    x = make_inputs(ann, 64, seed + 100)
+    spec = ThresholdSpec("percentile", percentile=99.9, per_channel=per_channel)
+    return convert(ann, compute_thresholds(ann, spec, [x], len(x), "cpu"))
