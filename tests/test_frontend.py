@@ -341,6 +341,28 @@ def test_constant_folding_of_shape_arithmetic(tmp_path):
     assert graph.node("flatten").shape == (24,)
 
 
+def test_local_functions_are_inlined(tmp_path):
+    body = [
+        helper.make_node("Mul", ["a", "k"], ["m"]),
+        helper.make_node("Relu", ["m"], ["b"]),
+    ]
+    function = helper.make_function("local", "ScaledRelu", ["a", "k"], ["b"], body, [helper.make_opsetid("", 17)])
+    nodes = [conv_node("conv", "x", "c", "w"), helper.make_node("ScaledRelu", ["c", "two"], ["y"], name="act", domain="local")]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [numpy_helper.from_array(rand(2, 2, 1, 1), "w"), numpy_helper.from_array(np.float32(2), "two")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8, functions=[function])
+    path = tmp_path / "functions.onnx"
+    onnx.save(model, path)
+    graph = check(path, (2, 3, 3))
+    assert ops(graph) == ["conv2d", "relu"]
+
+
 def test_trailing_softmax_is_dropped(tmp_path):
     nodes = [
         helper.make_node("Gemm", ["x", "W", "C"], ["z"], name="fc"),

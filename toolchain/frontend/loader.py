@@ -74,6 +74,13 @@ class _Loader:
         if not model.HasField("graph") or not model.opset_import:
             self.fail("not an ONNX model (no graph or opset; truncated or a different file type?)")
         self.check_strings(model)
+        if model.functions:
+            try:
+                from onnx import inliner
+
+                model = inliner.inline_local_functions(model)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(f"cannot inline the model's local functions: {_one_line(exc)}")
         nodes = list(model.graph.node)
         names = _node_names(nodes)
         for node in nodes:
@@ -85,11 +92,6 @@ class _Loader:
         except Exception as exc:  # noqa: BLE001
             self.fail(f"invalid ONNX model: {_one_line(exc)}")
         self.check_ops_on_activations(model.graph, nodes, names)
-        if model.functions:
-            try:
-                model = onnx.inliner.inline_local_functions(model)
-            except Exception as exc:  # noqa: BLE001
-                self.fail(f"cannot inline the model's local functions: {_one_line(exc)}")
         return model
 
     def check_strings(self, model: onnx.ModelProto) -> None:
