@@ -452,7 +452,8 @@ def _input_range(
         p = graph.preprocess
         mean = np.broadcast_to(np.asarray(p.mean, np.float64).reshape(-1), (channels,))
         std = np.broadcast_to(np.asarray(p.std, np.float64).reshape(-1), (channels,))
-        a, b = (0.0 * p.scale - mean) / std, (255.0 * p.scale - mean) / std
+        scale = 1 / 255 if p.scale is None else p.scale  # None: 1/255 for uint8 data
+        a, b = (0.0 * scale - mean) / std, (255.0 * scale - mean) / std
         lo, hi = np.minimum(a, b), np.maximum(a, b)
     hi = np.maximum(hi, lo + 1e-12)
     return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
@@ -498,13 +499,14 @@ def quantize(
     import torch
 
     qmax = 2 ** (weight_bits - 1) - 1
+    chains = _chains(graph)  # refuses unsupported structures first
     lo, hi = _input_range(graph, input_range, calibration)
     input_max = 2**input_bits - 1
     step = (hi - lo) / input_max
     in_theta = {None: step}  # float value of one unit of each source's output, per channel
 
     layers: list[FixedLayer] = []
-    for chain in _chains(graph):
+    for chain in chains:
         target = chain.target
         is_if = isinstance(target, ir.IFNeuron)
         in_shape = tuple(graph.input_shape) if chain.source is None else tuple(graph.node(chain.source).shape)

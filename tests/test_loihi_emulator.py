@@ -1,0 +1,216 @@
+"""The Loihi fixed-point emulator: bit-exact against a slow numpy reference, close to the float SNN."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from targets.base import get_target
+from targets.loihi.emulator import LoihiTarget, make_target
+from targets.torch.simulator import make_target as torch_target
+from tests.fixed_point_graphs import make_inputs, make_snn
+from toolchain.errors import ToolchainError
+from toolchain.quantize import V_MAX, FixedGraph, FixedLayer, encode_input, quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "mnist_cnn.onnx"
+MNIST = ROOT / "models" / "data" / "mnist"
+
+
+# ------------------------------------------------------------ numpy reference
+
+
+def _ref_synapse(layer: FixedLayer, s: np.ndarray) -> np.ndarray:
+    """sum(q * s) for one step, (B, *in_shape) int64 -> (B, *shape) int64, with explicit loops over taps."""
+    batch = s.shape[0]
+    if layer.pool != (1, 1):
+        c, h, w = s.shape[1:]
+        ph, pw = layer.pool
+        hp, wp = h // ph, w // pw
+        s = s[:, :, : hp * ph, : wp * pw].reshape(batch, c, hp, ph, wp, pw).sum((3, 5))
+    q = layer.weight.astype(np.int64)
+    if layer.synapse == "dense":
+        return (s.reshape(batch, -1) @ q.T).reshape((batch, *layer.shape))
+    top, left, bottom, right = layer.padding
+    x = np.pad(s, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    c_out, c_in_group, kh, kw = q.shape
+    _, ho, wo = layer.shape
+    sh, sw = layer.stride
+    dh, dw = layer.dilation
+    groups = layer.groups
+    out_group = c_out // groups
+    y = np.zeros((batch, c_out, ho, wo), np.int64)
+    for a in range(kh):
+        for b in range(kw):
+            patch = x[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
+            for g in range(groups):
+                w_tap = q[g * out_group : (g + 1) * out_group, :, a, b]
+                p = patch[:, g * c_in_group : (g + 1) * c_in_group]
+                y[:, g * out_group : (g + 1) * out_group] += np.einsum("oc,bchw->bohw", w_tap, p)
+    return y
+
+
+def reference(fixed: FixedGraph, x_u: np.ndarray, steps: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Step by step, layer by layer, in numpy int64: spikes (T, B, *shape), readout (T, B, n), overflows."""
+    batch = len(x_u)
+    state = {layer.name: np.broadcast_to(layer.v0.astype(np.int64), (batch, *layer.shape)).copy() for layer in fixed.layers}
+    spikes = {layer.name: np.zeros((steps, batch, *layer.shape), bool) for layer in fixed.if_layers}
+    overflows = {layer.name: 0 for layer in fixed.layers}
+    readout = np.zeros((steps, batch, fixed.layer(fixed.output).size), np.int64)
+    for t in range(steps):
+        outputs: dict[str | None, np.ndarray] = {None: x_u.astype(np.int64)}
+        for layer in fixed.layers:
+            a = _ref_synapse(layer, outputs[layer.source])
+            a = np.left_shift(a, layer.weight_exp) if layer.weight_exp >= 0 else np.right_shift(a, -layer.weight_exp)
+            v = state[layer.name] + a + (layer.bias_mant.astype(np.int64) << layer.bias_exp)
+            overflows[layer.name] += int(((v > V_MAX) | (v < -V_MAX)).sum())
+            v = np.clip(v, -V_MAX, V_MAX)
+            if layer.kind == "if":
+                fired = v >= layer.threshold
+                v = v - fired * layer.threshold
+                spikes[layer.name][t] = fired
+                outputs[layer.name] = fired.astype(np.int64)
+            else:
+                readout[t] = v.reshape(batch, -1)
+            state[layer.name] = v
+    return spikes, readout, overflows
+
+
+@pytest.fixture(autouse=True)
+def _quiet_calibration(caplog):
+    caplog.set_level(logging.ERROR, logger="toolchain.calibrate")
+
+
+@pytest.mark.parametrize("variant", ["basic", "odd"])
+def test_emulator_is_bit_exact_with_the_numpy_reference(variant):
+    snn = make_snn(0, variant)
+    fixed = quantize(snn, input_range=(0, 1))
+    x = make_inputs(snn, 4)
+    steps = 12
+    target = make_target(device="cpu", fixed=fixed)
+    target.prepare(snn)
+    got = target.record(x, steps)
+    spikes, readout, overflows = reference(fixed, encode_input(fixed, x), steps)
+    for name, expected in spikes.items():
+        assert expected.any(), f"layer {name} never fires: the test would prove little"
+        np.testing.assert_array_equal(got.spikes[name], expected, err_msg=name)
+    np.testing.assert_array_equal(got.readout, readout)
+    assert all(v == 0 for v in overflows.values())
+
+
+def test_overflow_raises_naming_the_layer_or_saturates_like_the_reference():
+    snn = make_snn(1, "basic")
+    fixed = quantize(snn, input_range=(0, 1))
+    layer = fixed.layer("act2")
+    layer.v0 = np.full(layer.shape, -V_MAX + 10, np.int32)  # a membrane one nudge from the bottom
+    layer.bias_mant = np.full(layer.shape, -50, np.int16)
+    x = make_inputs(snn, 3)
+    steps = 6
+    raising = make_target(device="cpu", fixed=fixed)
+    raising.prepare(fixed)
+    with pytest.raises(ToolchainError, match="act2.*overflow"):
+        raising.run(x, steps)
+    saturating = make_target(device="cpu", fixed=fixed, on_overflow="saturate")
+    saturating.prepare(fixed)
+    got = saturating.record(x, steps)
+    spikes, readout, overflows = reference(fixed, encode_input(fixed, x), steps)
+    assert overflows["act2"] > 0
+    assert int(got.overflows["act2"].sum()) == overflows["act2"]
+    assert saturating.overflows["act2"] == overflows["act2"]
+    for name, expected in spikes.items():
+        np.testing.assert_array_equal(got.spikes[name], expected, err_msg=name)
+    np.testing.assert_array_equal(got.readout, readout)
+
+
+def test_fixed_point_predictions_are_close_to_the_float_snn():
+    steps = 32
+    agreements, errors = [], []
+    for variant, seed in (("basic", 0), ("basic", 2), ("odd", 0)):
+        snn = make_snn(seed, variant)
+        x = make_inputs(snn, 48)
+        floating = torch_target(device="cpu")
+        floating.prepare(snn)
+        expected = floating.run(x, steps)
+        fixed = make_target(device="cpu", input_range=(0, 1))
+        fixed.prepare(snn)
+        got = fixed.run(x, steps)
+        assert set(got.spikes) == set(expected.spikes)
+        for name in expected.spikes:  # same activity, to within a few percent
+            assert abs(got.spikes[name].sum() - expected.spikes[name].sum()) <= 0.1 * expected.spikes[name].sum() + 10
+        agreements.append((got.readout[-1].argmax(1) == expected.readout[-1].argmax(1)).mean())
+        errors.append(np.abs(got.readout[-1] - expected.readout[-1]).max() / np.abs(expected.readout[-1]).max())
+    assert np.mean(agreements) >= 0.9, agreements
+    assert np.mean(errors) < 0.2, errors
+
+
+def test_target_interface_and_readout_alignment():
+    snn = make_snn(0, "basic")
+    x = make_inputs(snn, 5)
+    target = get_target("loihi", device="cpu", input_range=(0, 1), batch_size=2)
+    assert isinstance(target, LoihiTarget) and target.name == "loihi"
+    target.prepare(snn)
+    long = target.run(x, 10)
+    assert long.readout.shape == (10, 5, 5)
+    assert set(long.spikes) == {"act1", "act2", "act3"} and long.spikes["act1"].shape == (10,)
+    # causal and aligned: the first k steps of a longer run are a k-step run
+    short = target.run(x, 4)
+    np.testing.assert_array_equal(short.readout, long.readout[:4])
+    for name in short.spikes:
+        np.testing.assert_array_equal(short.spikes[name], long.spikes[name][:4])
+    # batching does not change anything; per-neuron totals add up
+    whole = make_target(device="cpu", fixed=target.fixed)
+    whole.prepare(snn)
+    np.testing.assert_array_equal(whole.run(x, 10).readout, long.readout)
+    assert long.neuron_spikes["act2"].sum() == long.spikes["act2"].sum()  # type: ignore[attr-defined]
+
+
+def test_prepare_accepts_a_prequantised_graph():
+    snn = make_snn(0, "basic")
+    fixed = quantize(snn, input_range=(0, 1), threshold_bits=8)
+    target = make_target(device="cpu")
+    target.prepare(fixed)
+    assert target.fixed is fixed
+    other = make_target(device="cpu", fixed=copy.deepcopy(fixed))
+    other.prepare(snn)  # the option wins over quantising the graph again
+    x = make_inputs(snn, 3)
+    np.testing.assert_array_equal(target.run(x, 6).readout, other.run(x, 6).readout)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_is_bit_exact_with_cpu():
+    snn = make_snn(0, "odd")
+    fixed = quantize(snn, input_range=(0, 1))
+    x = make_inputs(snn, 64)
+    results = []
+    for device in ("cpu", "cuda"):
+        target = make_target(device=device, fixed=fixed)
+        target.prepare(fixed)
+        results.append(target.record(x, 16))
+    for name in results[0].spikes:
+        np.testing.assert_array_equal(results[0].spikes[name], results[1].spikes[name])
+    np.testing.assert_array_equal(results[0].readout, results[1].readout)
+
+
+def test_trained_mnist_cnn_keeps_its_accuracy():
+    if not MODEL.exists() or not MNIST.exists():
+        pytest.skip("models/mnist_cnn.onnx or the embedded MNIST test split is missing")
+    from toolchain.build import BuildOptions, build_snn
+    from toolchain.data import load_dataset
+
+    snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
+    data = load_dataset(MNIST, "test").subset(64)
+    x = snn.preprocess.apply(data.x).reshape((len(data.x), *snn.input_shape))
+    steps = 24
+    floating = torch_target(device="cpu")
+    floating.prepare(snn)
+    expected = floating.run(x, steps).readout[-1].argmax(1)
+    target = make_target(device="cpu")
+    target.prepare(snn)
+    got = target.run(x, steps).readout[-1].argmax(1)
+    assert (got == expected).mean() >= 0.95
+    assert (got == data.y).mean() >= (expected == data.y).mean() - 0.04

@@ -1,0 +1,228 @@
+"""SNN IR -> fixed-point IR: threshold folding, overflow checks, artifact round trip, unsupported graphs."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from targets.loihi.emulator import make_target
+from targets.torch.simulator import make_target as torch_target
+from tests.conftest import make_ann as make_shared_ann
+from tests.fixed_point_graphs import make_inputs, make_snn
+from toolchain import ir
+from toolchain.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.convert import convert
+from toolchain.errors import ToolchainError
+from toolchain.quantize import (
+    FIXED_TENSORS_FILE,
+    V_MAX,
+    FixedGraph,
+    encode_input,
+    fixed_files,
+    load_fixed,
+    quantize,
+    save_fixed,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _quiet_calibration(caplog):
+    caplog.set_level(logging.ERROR, logger="toolchain.calibrate")
+
+
+def _dequantised(layer) -> np.ndarray:
+    return layer.weight.astype(np.float64) * 2.0**layer.weight_exp / layer.threshold
+
+
+def test_per_channel_thresholds_fold_into_the_weights():
+    snn = make_snn(0, "basic", per_channel=True)
+    fixed = quantize(snn, input_range=(0, 1), max_row_ratio=None)
+    theta = {n.name: np.asarray(n.threshold, np.float64) for n in snn.nodes if isinstance(n, ir.IFNeuron)}
+    assert all(np.ptp(t) > 0 for t in theta.values()), "per-channel thresholds expected"
+    for layer in fixed.if_layers:
+        assert isinstance(layer.threshold, int) and 2**10 <= layer.threshold < 2**11  # one integer per population
+    # conv2 sees act1 through a 2x2 average pool: w * theta_act1[in] / theta_act2[out] / 4, within half an LSB
+    layer = fixed.layer("act2")
+    assert layer.pool == (2, 2) and layer.synapse == "conv"
+    conv2 = snn.node("conv2").weight.astype(np.float64)
+    expected = conv2 * theta["act1"][None, :, None, None] / theta["act2"][:, None, None, None] / 4
+    lsb = 2.0**layer.weight_exp / layer.threshold
+    assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * lsb + 1e-12
+    # the first layer: the input's step (1/255 of the range) plays the source threshold
+    layer = fixed.layer("act1")
+    expected = snn.node("conv1").weight.astype(np.float64) / 255 / theta["act1"][:, None, None, None]
+    assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * 2.0**layer.weight_exp / layer.threshold + 1e-12
+    # v0 = theta / 2 in every channel becomes half the integer threshold
+    assert np.abs(fixed.layer("act3").v0 - fixed.layer("act3").threshold / 2).max() <= 0.5
+    # readout: float value = accumulator * scale
+    readout = fixed.layer(fixed.output)
+    assert readout.kind == "readout" and readout.threshold == 0
+
+
+def test_channels_with_tiny_thresholds_are_raised_and_compensated():
+    snn = make_snn(0, "basic", per_channel=True)
+    act1 = snn.node("act1")
+    act1.threshold = act1.threshold.copy()
+    act1.threshold[2] /= 200.0  # a channel that hardly ever fired in calibration
+    act1.v0 = act1.threshold / 2
+    fixed = quantize(snn, input_range=(0, 1))
+    layer = fixed.layer("act1")
+    assert layer.stats["raised_channels"] == 1 and layer.stats["max_raise"] > 1
+    raised = layer.scale * layer.threshold  # the float thresholds actually used
+    assert raised[2] > act1.threshold[2] * 1.5
+    np.testing.assert_allclose(np.delete(raised, 2), np.delete(act1.threshold, 2), rtol=1e-6)
+    # the next layer takes the raised threshold of its source channel
+    act2 = fixed.layer("act2")
+    theta2 = act2.scale * act2.threshold
+    conv2 = snn.node("conv2").weight.astype(np.float64)
+    expected = conv2 * raised[None, :, None, None] / theta2[:, None, None, None] / 4
+    assert np.abs(_dequantised(act2) - expected).max() <= 0.5 * 2.0**act2.weight_exp / act2.threshold + 1e-12
+    # the other channels keep their resolution: without balancing they would be left a few levels
+    plain = quantize(snn, input_range=(0, 1), max_row_ratio=None).layer("act1")
+    others = [c for c in range(4) if c != 2]
+    assert np.abs(layer.weight[others]).max() > 2 * np.abs(plain.weight[others]).max()
+
+
+def test_quantised_network_agrees_with_the_float_snn_on_random_graphs():
+    steps = 32
+    for variant, seed in (("basic", 1), ("basic", 3), ("odd", 1), ("odd", 2)):
+        snn = make_snn(seed, variant)
+        x = make_inputs(snn, 32)
+        floating = torch_target(device="cpu")
+        floating.prepare(snn)
+        expected = floating.run(x, steps).readout[-1]
+        fixed = make_target(device="cpu", input_range=(0, 1))
+        fixed.prepare(snn)
+        got = fixed.run(x, steps).readout[-1]
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.85, (variant, seed)
+        assert np.abs(got - expected).mean() < 0.1 * np.abs(expected).max(), (variant, seed)
+        for layer in fixed.fixed.layers:
+            assert layer.stats["weight_rel_l2"] < 0.05
+            assert layer.stats["safe_steps"] >= steps
+
+
+def test_folded_structures():
+    fixed = quantize(make_snn(0, "odd"), input_range=(0, 1))
+    assert fixed.layer("act1").nodes == ["norm", "conv1"]  # input affine folded into the first conv
+    assert fixed.layer("act2").nodes == ["conv2", "bn2"] and fixed.layer("act2").groups == 2
+    assert fixed.layer("act3").synapse == "dense"  # overlapping, padded pool before a conv: dense fallback
+    assert fixed.layer("act4").nodes == ["pool3", "flat", "fc1", "fc1b"]  # consecutive linear maps folded
+    assert fixed.layer("act4").weight.shape == (10, 6) and fixed.layer("act4").pool == (2, 2)
+    assert fixed.depth == {"act1": 1, "act2": 2, "act3": 3, "act4": 4, "fc2/readout": 5}
+    with pytest.raises(ToolchainError, match="act3.*dense"):
+        quantize(make_snn(0, "odd"), input_range=(0, 1), max_dense_weights=1000)
+
+
+def test_overflowing_values_are_refused_naming_the_layer():
+    snn = make_snn(0, "basic")
+    snn.node("fc1").bias = snn.node("fc1").bias + 1e4  # 1e4 thresholds per step: no 13-bit mantissa holds it
+    with pytest.raises(ToolchainError, match="act3.*bias"):
+        quantize(snn, input_range=(0, 1))
+    snn = make_snn(0, "basic")
+    act2 = snn.node("act2")
+    act2.v0 = act2.threshold * 1e5
+    with pytest.raises(ToolchainError, match="act2.*24-bit"):
+        quantize(snn, input_range=(0, 1))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    snn = make_snn(0, "odd")
+    fixed = quantize(snn, input_range=(0, 1))
+    loaded = load_fixed(save_fixed(fixed, tmp_path / "fixed"))
+    _assert_same(fixed, loaded)
+    # next to the float artifact, in one atomic write
+    artifact = ir.save_graph(snn, tmp_path / "artifact", extra_files=fixed_files(fixed))
+    _assert_same(fixed, load_fixed(artifact))
+    assert ir.load_graph(artifact).output == snn.output
+    x = make_inputs(snn, 4)
+    outputs = []
+    for graph in (fixed, load_fixed(artifact)):
+        target = make_target(device="cpu")
+        target.prepare(graph)
+        outputs.append(target.run(x, 8).readout)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    (artifact / FIXED_TENSORS_FILE).write_bytes(b"damaged")
+    with pytest.raises(ToolchainError, match="checksum"):
+        load_fixed(artifact)
+    with pytest.raises(ToolchainError, match="loihi"):
+        load_fixed(tmp_path)
+
+
+def _assert_same(a: FixedGraph, b: FixedGraph) -> None:
+    assert (a.input_name, a.input_shape, a.input_bits, a.output, a.meta) == (
+        b.input_name,
+        b.input_shape,
+        b.input_bits,
+        b.output,
+        b.meta,
+    )
+    np.testing.assert_array_equal(a.input_offset, b.input_offset)
+    np.testing.assert_array_equal(a.input_step, b.input_step)
+    assert len(a.layers) == len(b.layers)
+    for x, y in zip(a.layers, b.layers):
+        for key, value in vars(x).items():
+            other = getattr(y, key)
+            if isinstance(value, np.ndarray):
+                assert value.dtype == other.dtype and np.array_equal(value, other), key
+            else:
+                assert value == other, key
+
+
+def test_unsupported_structures_name_the_node():
+    ann = make_shared_ann(pool="max")
+    snn = convert(ann, compute_thresholds(ann, ThresholdSpec("ceiling")))
+    with pytest.raises(ToolchainError, match=r"'pool1'.*--maxpool avg"):
+        quantize(snn)
+    with pytest.raises(ToolchainError, match="no IF neurons"):
+        quantize(make_shared_ann())
+    residual = _residual_snn()
+    with pytest.raises(ToolchainError, match="'add'.*residual"):
+        quantize(residual)
+
+
+def _residual_snn() -> ir.Graph:
+    rng = np.random.default_rng(0)
+    one = np.ones(1, np.float32)
+    nodes: list[ir.Node] = [
+        ir.Linear("fc1", ["x"], weight=rng.standard_normal((4, 4)).astype(np.float32)),
+        ir.IFNeuron("if1", ["fc1"], threshold=one, v0=one / 2),
+        ir.Linear("fc2", ["if1"], weight=rng.standard_normal((4, 4)).astype(np.float32)),
+        ir.Add("add", ["fc2", "fc1"]),
+        ir.IFNeuron("if2", ["add"], threshold=one, v0=one / 2),
+        ir.Linear("fc3", ["if2"], weight=rng.standard_normal((2, 4)).astype(np.float32)),
+        ir.Readout("out", ["fc3"]),
+    ]
+    graph = ir.Graph("x", (4,), nodes, "out")
+    graph.infer_shapes()
+    return graph
+
+
+def test_raw_pixels_are_the_graded_input_spikes():
+    snn = make_snn(0, "basic")
+    snn.preprocess = ir.Preprocess(scale=1 / 255, mean=[0.1307], std=[0.3081])
+    fixed = quantize(snn)  # default range: uint8 pixels through the preprocessing
+    raw = np.random.default_rng(0).integers(0, 256, (3, *snn.input_shape)).astype(np.uint8)
+    np.testing.assert_array_equal(encode_input(fixed, snn.preprocess.apply(raw)), raw)
+    with pytest.raises(ToolchainError, match="shape"):
+        encode_input(fixed, np.zeros((1, 3, 3)))
+    # calibration data sets the range instead
+    x = make_inputs(snn, 8) * 2 - 0.5
+    calibrated = quantize(snn, calibration=x)
+    codes = encode_input(calibrated, x)
+    assert codes.min() == 0 and codes.max() == 255
+
+
+def test_quantize_module_needs_neither_torch_nor_lava_to_load():
+    code = (
+        "import sys, toolchain.quantize as q; "
+        "assert 'torch' not in sys.modules and 'lava' not in sys.modules, sorted(sys.modules); "
+        f"assert q.V_MAX == {V_MAX}"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
