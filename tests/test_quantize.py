@@ -166,7 +166,7 @@ def _assert_same(a: FixedGraph, b: FixedGraph) -> None:
     np.testing.assert_array_equal(a.input_offset, b.input_offset)
     np.testing.assert_array_equal(a.input_step, b.input_step)
     assert len(a.layers) == len(b.layers)
-    for x, y in zip(a.layers, b.layers):
+    for x, y in zip(a.layers, b.layers, strict=True):
         for key, value in vars(x).items():
             other = getattr(y, key)
             if isinstance(value, np.ndarray):
