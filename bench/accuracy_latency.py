@@ -1,0 +1,141 @@
+"""Accuracy vs time steps for each conversion method, the table of Bu et al. (AAAI 2022).
+
+For every model given: the ANN's accuracy (onnxruntime) and the SNN's accuracy at
+T = 1, 2, 4, ..., 128 for each threshold source (trained ceilings, max, p99.99) and
+each initial potential (zero, half, optimal), all through the same `toolchain.build`
+and `toolchain.evaluate` code the CLI uses. Writes JSON and Markdown.
+
+    python bench/accuracy_latency.py --model models/zoo/fmnist_vgg_clip/model.onnx \
+        --data ../shared/data/fashion-mnist --out bench/results/fmnist_vgg_clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from targets.base import get_target  # noqa: E402
+from toolchain.build import BuildOptions, build_snn  # noqa: E402
+from toolchain.calibrate import activations  # noqa: E402
+from toolchain.data import load_dataset  # noqa: E402
+from toolchain.errors import ToolchainError  # noqa: E402
+from toolchain.evaluate import evaluate, parse_steps  # noqa: E402
+from toolchain.frontend import load_onnx  # noqa: E402
+from toolchain.reference import OnnxReference  # noqa: E402
+
+THRESHOLDS = ("ceiling", "max", "p99.99")
+V0_MODES = ("zero", "half", "optimal")
+
+
+def run(args: argparse.Namespace) -> dict:
+    steps = parse_steps(args.steps)
+    test = load_dataset(args.data, "test").subset(args.limit)
+    calib = args.calib or args.data
+    ann_graph = load_onnx(args.model)
+    has_ceilings = all(n.ceiling is not None for n in activations(ann_graph))
+    rows = []
+    ann_accuracy = None
+    for threshold in THRESHOLDS:
+        if threshold == "ceiling" and not has_ceilings:
+            continue
+        for v0 in V0_MODES:
+            if args.methods and f"{threshold}/{v0}" not in args.methods:
+                continue
+            options = BuildOptions(
+                model=args.model, calib=calib, threshold=threshold, v0=v0, v0_steps=args.v0_steps,
+                maxpool=args.maxpool, device=args.device, calib_size=args.calib_size,
+            )
+            started = time.perf_counter()
+            built = build_snn(options)
+            target = get_target("torch", device=args.device)
+            target.prepare(built.snn)
+            reference = OnnxReference(args.model) if ann_accuracy is None else None
+            data = test.subset(args.other_limit) if (threshold, v0) != args.headline and args.other_limit else test
+            result = evaluate(target, data, built.snn.preprocess, built.snn.input_shape, steps, args.batch_size, reference,
+                              progress=None, label=f"{threshold}/{v0}")
+            if reference is not None:
+                ann_accuracy = result.ann_accuracy()
+            row = {
+                "threshold": threshold,
+                "v0": v0,
+                "samples": result.samples,
+                "snn_accuracy": {str(t): a for t, a in result.snn_accuracy().items()},
+                "v0_fraction": built.snn.meta["conversion"].get("v0_fraction", {}),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            rows.append(row)
+            print(f"{threshold:>8} {v0:>8} " + " ".join(f"{100 * a:6.2f}" for a in result.snn_accuracy().values()), flush=True)
+    return {
+        "model": str(args.model),
+        "data": str(args.data),
+        "test_samples": len(test),
+        "ann_accuracy": ann_accuracy,
+        "steps": steps,
+        "maxpool": args.maxpool,
+        "rows": rows,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "threads": torch.get_num_threads()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def markdown(result: dict) -> str:
+    steps = result["steps"]
+    lines = [
+        f"### {Path(result['model']).parent.name or result['model']}",
+        "",
+        f"Model `{result['model']}`, data `{result['data']}`; ANN accuracy (onnxruntime) "
+        f"**{100 * result['ann_accuracy']:.2f} %**. SNN accuracy (%) at T time steps; "
+        f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}.",
+        "",
+        "| threshold | v0 | samples | " + " | ".join(f"T={t}" for t in steps) + " |",
+        "|---|---|---|" + "---|" * len(steps),
+    ]
+    for row in result["rows"]:
+        cells = " | ".join(f"{100 * row['snn_accuracy'][str(t)]:.2f}" for t in steps)
+        lines.append(f"| {row['threshold']} | {row['v0']} | {row['samples']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="dataset (test split evaluated, train split calibrates)")
+    parser.add_argument("--calib", type=Path, help="calibration data (default: --data, train split)")
+    parser.add_argument("--calib-size", type=int, default=1000)
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("-T", "--steps", default="1,2,4,8,16,32,64,128")
+    parser.add_argument("--limit", type=int, help="test samples for the headline method (default: all)")
+    parser.add_argument("--other-limit", type=int, help="test samples for the other methods (default: same as --limit)")
+    parser.add_argument("--methods", nargs="*", help="only these, e.g. ceiling/half max/zero")
+    parser.add_argument("--maxpool", default="spiking")
+    parser.add_argument("--v0-T", dest="v0_steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    args.headline = ("ceiling", "half")
+    try:
+        if not any(n.ceiling is not None for n in activations(load_onnx(args.model))):
+            args.headline = ("p99.99", "half")
+        result = run(args)
+    except ToolchainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The command line end to end, on the shipped model and the embedded MNIST test set."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import DEFAULT_MODEL, EMBEDDED_MNIST, ROOT
+
+CALIB = ROOT / "models" / "data" / "mnist-calib.npz"
+
+
+def toolchain(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "mnist"
+    result = toolchain("build", DEFAULT_MODEL, "--target", "torch", "--calib", CALIB, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    return out
+
+
+def test_build_writes_a_complete_artifact(artifact):
+    assert {p.name for p in artifact.iterdir()} >= {"graph.json", "tensors.npz", "ann.onnx", "build.json"}
+    log = json.loads((artifact / "build.json").read_text())
+    assert log["layers"] and all(layer["source"] == "ceiling" for layer in log["layers"])
+
+
+def test_eval_json_reports_ann_and_snn_accuracy(artifact):
+    result = toolchain("eval", artifact, "--data", EMBEDDED_MNIST, "-T", "4,16,32", "--limit", "500", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["samples"] == 500
+    assert set(report["snn_accuracy"]) == {"4", "16", "32"}
+    assert report["ann_accuracy"] > 0.97
+    assert report["snn_accuracy"]["32"] > report["ann_accuracy"] - 0.02
+    assert report["snn_accuracy"]["32"] >= report["snn_accuracy"]["4"]
+
+
+def test_eval_table_and_inspect(artifact):
+    table = toolchain("eval", artifact, "--data", EMBEDDED_MNIST, "-T", "8", "--limit", "64")
+    assert table.returncode == 0, table.stderr
+    assert "ANN accuracy" in table.stdout and "SNN acc" in table.stdout
+    inspect = toolchain("inspect", artifact)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "if" in inspect.stdout and "readout" in inspect.stdout and "total parameters" in inspect.stdout
+
+
+def test_percentile_build_with_calibration_data(tmp_path):
+    out = tmp_path / "p"
+    result = toolchain("build", DEFAULT_MODEL, "--calib", CALIB, "--threshold", "p99.9", "--per-channel", "-o", out)
+    assert result.returncode == 0, result.stderr
+    log = json.loads((out / "build.json").read_text())
+    assert all(layer["source"] == "p99.9 per channel" for layer in log["layers"])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _sigmoid_model(path: Path) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"], name="squash")], "g", [x], [y])
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not_onnx", "truncated", "sigmoid"],
+)
+def test_bad_models_fail_cleanly_and_write_nothing(tmp_path, case):
+    model = tmp_path / "model.onnx"
+    needles: tuple[str, ...] = (str(model),)
+    if case == "not_onnx":
+        model.write_bytes(b"this is not a model\n" * 10)
+    elif case == "truncated":
+        model.write_bytes(DEFAULT_MODEL.read_bytes()[:3000])
+    elif case == "sigmoid":
+        _sigmoid_model(model)
+        needles = ("squash", "Sigmoid")
+    out = tmp_path / "out"
+    assert_clean_failure(toolchain("build", model, "-o", out), *needles)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "model.onnx"] == []
+
+
+def test_missing_data_and_bad_steps_fail_cleanly(artifact, tmp_path):
+    assert_clean_failure(toolchain("eval", artifact, "--data", tmp_path / "nowhere"), "nowhere")
+    assert_clean_failure(toolchain("eval", artifact, "--data", EMBEDDED_MNIST, "-T", "0,4"), "-T")
+    assert_clean_failure(toolchain("eval", tmp_path, "--data", EMBEDDED_MNIST), "not a toolchain artifact")
+
+
+def test_wrong_input_shape_is_named(artifact, tmp_path):
+    data = tmp_path / "rgb.npz"
+    np.savez(data, x=np.zeros((4, 3, 32, 32), np.uint8), y=np.zeros(4, np.int64))
+    assert_clean_failure(toolchain("eval", artifact, "--data", data), "(3, 32, 32)", "(1, 28, 28)")
+
+
+def test_thresholds_from_data_need_calibration_data(tmp_path):
+    assert_clean_failure(toolchain("build", DEFAULT_MODEL, "--threshold", "max", "-o", tmp_path / "o"), "--calib")
+    assert not (tmp_path / "o").exists()
