@@ -1,0 +1,158 @@
+"""Real Lava networks (CPU simulator, fixed_pt) against the bit-exact emulator, spike for spike."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixed_point_graphs import make_inputs, make_snn
+from toolchain.errors import ToolchainError
+from toolchain.quantize import V_MAX, quantize
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "mnist_cnn.onnx"
+MNIST = ROOT / "models" / "data" / "mnist"
+
+
+def _lava_missing() -> str | None:
+    try:
+        import targets.lava  # noqa: F401
+    except ToolchainError as exc:
+        return str(exc)
+    return None
+
+
+LAVA_MISSING = _lava_missing()
+needs_lava = [pytest.mark.lava, pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_calibration(caplog):
+    caplog.set_level(logging.ERROR, logger="toolchain.calibrate")
+
+
+def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
+    code = (
+        "import sys; sys.modules['lava'] = None\n"
+        "from toolchain.errors import ToolchainError\n"
+        "try:\n    import targets.lava\nexcept ToolchainError as exc:\n    print(exc)\nelse:\n    print('imported')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "pip install lava-nc==0.10.0" in lines[0] and "3.10" in lines[0], out
+
+
+@pytest.mark.parametrize("variant, samples, steps", [("basic", 3, 12), ("odd", 2, 10)])
+@pytest.mark.lava
+@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
+    from targets.lava.runner import validate
+
+    snn = make_snn(0, variant)
+    report = validate(snn, make_inputs(snn, samples), steps, input_range=(0, 1))
+    assert report.ok, report.summary()
+    assert report.layers == [n.name for n in snn.nodes if n.op == "if"]
+    assert report.spikes_compared > 0 and "identical" in report.summary()
+
+
+@pytest.mark.lava
+@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+def test_lava_target_streams_samples_through_one_network():
+    from targets.base import get_target
+    from targets.loihi.emulator import make_target as emulator_target
+
+    snn = make_snn(1, "basic")
+    fixed = quantize(snn, input_range=(0, 1))
+    x = make_inputs(snn, 4)
+    steps = 8
+    emulator = emulator_target(device="cpu", fixed=fixed)
+    emulator.prepare(snn)
+    expected = emulator.run(x, steps)
+    target = get_target("lava", fixed=fixed)
+    assert target.name == "lava"
+    target.prepare(snn)
+    try:
+        first = target.run(x[:2], steps)
+        network = target.network
+        second = target.run(x[2:], steps)
+        assert target.network is network  # built once, later samples stream through it
+    finally:
+        target.close()
+    readout = np.concatenate([first.readout, second.readout], axis=1)
+    np.testing.assert_array_equal(readout, expected.readout)  # aligned: step T-1 holds T steps of input
+    for name, counts in expected.spikes.items():
+        np.testing.assert_array_equal(first.spikes[name] + second.spikes[name], counts)
+    assert target.seconds_per_sample is not None and target.seconds_per_sample > 0
+
+
+@pytest.mark.lava
+@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+def test_first_difference_is_located_and_overflow_saturates_identically():
+    from targets.lava.runner import LavaTarget, first_mismatch
+    from targets.loihi.emulator import make_target as emulator_target
+
+    snn = make_snn(2, "basic")
+    fixed = quantize(snn, input_range=(0, 1))
+    squeezed = fixed.layer("act3")  # one membrane next to the 24-bit floor: it overflows, in both
+    squeezed.v0 = squeezed.v0.copy()
+    squeezed.v0[0] = -V_MAX + 5
+    tampered = copy.deepcopy(fixed)
+    tampered.layer("act2").threshold += tampered.layer("act2").threshold // 5
+    x = make_inputs(snn, 2)
+    steps = 8
+    emulator = emulator_target(device="cpu", fixed=fixed, on_overflow="saturate")
+    emulator.prepare(fixed)
+    expected = emulator.record(x, steps)
+    lava = LavaTarget(fixed=tampered, record=True, on_overflow="saturate")
+    lava.prepare(tampered)
+    try:
+        got = lava.run_recorded(x, steps)
+    finally:
+        lava.close()
+    order = [layer.name for layer in fixed.if_layers]
+    mismatch = first_mismatch(order, got.spikes, expected.spikes)
+    assert mismatch is not None and mismatch["layer"] == "act2" and mismatch["sample"] == 0
+    np.testing.assert_array_equal(got.spikes["act1"], expected.spikes["act1"])
+    assert int(got.overflows["act3"].sum()) == int(expected.overflows["act3"].sum()) > 0
+    assert first_mismatch(order, expected.spikes, expected.spikes) is None
+
+
+@pytest.mark.lava
+@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+def test_floating_point_models_run_the_same_network():
+    from targets.lava.runner import LavaTarget
+    from targets.loihi.emulator import make_target as emulator_target
+
+    snn = make_snn(0, "basic")
+    fixed = quantize(snn, input_range=(0, 1))
+    x = make_inputs(snn, 2)
+    emulator = emulator_target(device="cpu", fixed=fixed)
+    emulator.prepare(fixed)
+    expected = emulator.run(x, 10)
+    with LavaTarget(fixed=fixed, tag="floating_pt") as target:
+        target.prepare(fixed)
+        got = target.run(x, 10)
+    # no flooring of the negative weight exponents in float: close, not identical
+    assert np.abs(got.readout - expected.readout).max() <= 0.1 * np.abs(expected.readout).max()
+
+
+@pytest.mark.lava
+@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+def test_trained_mnist_cnn_is_spike_exact_in_lava():
+    if not MODEL.exists() or not MNIST.exists():
+        pytest.skip("models/mnist_cnn.onnx or the embedded MNIST test split is missing")
+    from targets.lava.runner import validate
+    from toolchain.build import BuildOptions, build_snn
+    from toolchain.data import load_dataset
+
+    snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
+    data = load_dataset(MNIST, "test").subset(2)
+    x = snn.preprocess.apply(data.x).reshape((len(data.x), *snn.input_shape))
+    report = validate(snn, x, 12)
+    assert report.ok, report.summary()
