@@ -112,6 +112,7 @@ def _empty_steps(like: torch.Tensor, steps: int, dtype: torch.dtype | None = Non
 class CompiledNode:
     node: ir.Node
     tensors: dict[str, torch.Tensor]
+    channels_last: bool = False  # keep this node's image outputs NHWC
 
 
 class TorchExecutor:
@@ -150,6 +151,7 @@ class TorchExecutor:
             for c in self.compiled:
                 if isinstance(c.node, ir.Conv2d):
                     c.tensors["weight"] = c.tensors["weight"].contiguous(memory_format=torch.channels_last)
+                    c.channels_last = True
         # Free each intermediate once its last consumer has run.
         self.last_use: dict[str, int] = {}
         for index, n in enumerate(graph.nodes):
@@ -245,19 +247,25 @@ def _if_scan_eager(
     out = _empty_steps(x, steps)
     # v = v0 + x[0] is the first step's v = (0 + v0) + x[0]; float32 whatever the input precision.
     v = x[0].to(torch.float32) + _channel_view(v0, ndim)
-    mask = torch.empty(v.shape, dtype=torch.bool, device=v.device)
     staging = None if out.dtype == torch.float32 else torch.empty_like(v)
+    # Spikes per step are summed as floats (much faster than count_nonzero on CPU), exact while
+    # the partial sums stay below 2**24; above that, in float64.
+    sum_dtype = torch.float64 if v.numel() >= 1 << 24 else torch.float32
+    sums = None if counts is None else torch.empty(steps, dtype=sum_dtype, device=v.device)
+    all_dims = tuple(range(v.ndim))
     for t in range(steps):
         if t:
             v.add_(x[0] if constant else x[t])
-        torch.ge(v, theta, out=mask)
         emitted = out[t] if staging is None else staging
-        torch.mul(mask, theta, out=emitted)  # spike * theta, exactly theta or 0
+        torch.ge(v, theta, out=emitted)  # 1.0 where it spikes, else 0.0
+        if sums is not None:
+            torch.sum(emitted, dim=all_dims, dtype=sums.dtype, out=sums[t])
+        emitted.mul_(theta)  # spike * theta: exactly theta or 0
         v.sub_(emitted)
         if staging is not None:
             out[t].copy_(staging)
-        if counts is not None:
-            counts[t] = torch.count_nonzero(mask)
+    if counts is not None and sums is not None:
+        counts.copy_(sums.round())
     return out
 
 
@@ -337,6 +345,9 @@ def _conv2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tens
     x = args[0]
     padded, symmetric = _pad(_merge(x), n.padding)
     y = F.conv2d(padded, c.tensors["weight"], c.tensors.get("bias"), n.stride, symmetric or 0, n.dilation, n.groups)
+    if c.channels_last and y.shape[1] > 1:
+        # With one input channel the backends pick NCHW; the layers after want NHWC.
+        y = y.contiguous(memory_format=torch.channels_last)
     return _split(y, x.shape[0])
 
 
