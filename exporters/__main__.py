@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture (taken from the checkpoint if there)")
     parser.add_argument("--act", choices=ACTIVATIONS, help="activation (taken from the checkpoint if there)")
     parser.add_argument("--levels", type=int, help="QCFS levels L")
+    parser.add_argument("--width", type=int, help="base channel count (vgg_small)")
     parser.add_argument("--in-channels", type=int, help="input channels (default from checkpoint, else 1)")
     parser.add_argument("--num-classes", type=int, help="classes (default from checkpoint, else 10)")
     parser.add_argument("--input-size", type=int, help="input image side (default from checkpoint or architecture)")
@@ -85,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     pre.setdefault("mean", [0.0] * in_channels)
     pre.setdefault("std", [1.0] * in_channels)
 
-    model = build(arch, in_channels, num_classes, make_act(act, levels or 8), size)
+    width = args.width or config.get("width")
+    try:
+        model = build(arch, in_channels, num_classes, make_act(act, levels or 8), size, width)
+    except ValueError as exc:
+        return fail(str(exc))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -147,9 +147,23 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(arch: str, in_channels: int, num_classes: int, act: Act | None = None, input_size: int | None = None) -> nn.Module:
-    """Build a registered architecture by name."""
+WIDTH_ARCHS = ("vgg_small",)  # architectures with a width (base channel count) option
+
+
+def build(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    act: Act | None = None,
+    input_size: int | None = None,
+    width: int | None = None,
+) -> nn.Module:
+    """Build a registered architecture by name (`width` only for vgg_small; default 32)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     size = input_size or DEFAULT_INPUT_SIZE[arch]
-    return ARCHS[arch](in_channels, num_classes, act, size)
+    if width is None:
+        return ARCHS[arch](in_channels, num_classes, act, size)
+    if arch not in WIDTH_ARCHS:
+        raise ValueError(f"{arch} has no width option (only {', '.join(WIDTH_ARCHS)})")
+    return ARCHS[arch](in_channels, num_classes, act, size, width=width)

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
     parser.add_argument("--dataset", required=True, choices=sorted(DATASET_STATS))
     parser.add_argument("--data", required=True, help="dataset folder or file (IDX folder, CIFAR-10 tar.gz folder, .npz)")
+    parser.add_argument("--width", type=int, help="base channel count (vgg_small only; default 32)")
     parser.add_argument("--act", default="clip", choices=ACTIVATIONS)
     parser.add_argument("--levels", type=int, default=8, help="QCFS quantisation levels L (with --act qcfs)")
     parser.add_argument("--lam-init", type=float, default=8.0, help="initial activation ceiling lambda")
@@ -154,7 +155,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: not a checkpoint written by models.train")
     config = ckpt["config"]
     act = make_act(config["act"], int(config.get("levels") or 8), float(config.get("lam_init", 8.0)))
-    model = build(config["arch"], config["in_channels"], config["num_classes"], act, config["input_size"])
+    model = build(config["arch"], config["in_channels"], config["num_classes"], act, config["input_size"], config.get("width"))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), config
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--levels must be >= 1 with --act qcfs")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # tiny weights/activations must not slow CPU training down
 
     t0 = time.time()
     try:
@@ -206,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
     levels = args.levels if args.act == "qcfs" else 0
     act = make_act(args.act, args.levels, args.lam_init)
-    model = build(args.arch, channels, num_classes, act, height).to(device)
+    try:
+        model = build(args.arch, channels, num_classes, act, height, args.width).to(device)
+    except ValueError as exc:
+        return fail(str(exc))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
 
@@ -313,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(memory_format=torch.contiguous_format)
     config = {
         "arch": args.arch,
+        "width": args.width,
         "act": args.act,
         "levels": levels,
         "lam_init": args.lam_init,
@@ -325,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(model, out / "model.pt", config)
     result = {
         "arch": args.arch,
+        **({"width": args.width} if args.width else {}),
         "dataset": args.dataset,
         "act": args.act,
         "levels": levels,
