@@ -31,10 +31,11 @@ and for checking the frontend against onnxruntime.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +50,40 @@ log = logging.getLogger(__name__)
 
 Observer = Callable[[ir.Node, torch.Tensor], None]
 
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Synaptic-op precision. "float32" is IEEE float32 also on CUDA (TF32 off: PyTorch lets cuDNN
+# use TF32 for convolutions by default); "tf32", "float16" and "bfloat16" are CUDA-only options.
+PRECISIONS = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Neuron parameters stay in float32 whatever the precision of the synaptic ops.
 FLOAT32_PARAMS = {"threshold", "v0"}
+
+
+@contextlib.contextmanager
+def fp32_mode(enabled: bool = True, allow_tf32: bool = False) -> Iterator[None]:
+    """Inside, CUDA convolutions and matmuls in float32 use IEEE float32 (or TF32 when `allow_tf32`).
+
+    Uses the `fp32_precision` settings (PyTorch >= 2.9) where present, else the legacy flags,
+    and restores what was there.
+    """
+    if not enabled or not torch.cuda.is_available():
+        yield
+        return
+    mode = "tf32" if allow_tf32 else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        saved = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision, matmul.fp32_precision = mode, mode
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    legacy = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = allow_tf32, allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = legacy
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -120,7 +152,8 @@ class TorchExecutor:
 
     `dtype` is the precision of the synaptic ops (weights and activations); the IF
     neurons' thresholds, potentials and the readout are float32 always.
-    `channels_last` stores images NHWC for convolutions and pooling (same values).
+    `channels_last` stores images NHWC for convolutions and pooling (same values up to the
+    rounding of the convolutions' sums, which NHWC kernels order differently).
     `compile` uses a `torch.compile`d IF scan (same spikes; falls back to eager).
     """
 
@@ -358,6 +391,8 @@ def _linear(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tens
 def _avgpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
     n: ir.AvgPool2d = c.node  # type: ignore[assignment]
     x = args[0]
+    if n.kernel == (2, 2) and n.stride == (2, 2) and not any(n.padding) and not _is_channels_last(x):
+        return _avgpool_2x2(x)
     padded, symmetric = _pad(_merge(x), n.padding)
     pad = symmetric or 0
     if n.count_include_pad or not any(n.padding):
@@ -370,6 +405,17 @@ def _avgpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.T
         y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=True)
         y = y / F.avg_pool2d(ones, n.kernel, n.stride, pad, count_include_pad=True)
     return _split(y, x.shape[0])
+
+
+def _avgpool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2, stride 2 average pooling of NCHW images from four strided views: the same sums in the
+    same order as torch's kernel (bit-identical), several times faster on CPU for NCHW."""
+    h, w = (x.shape[-2] // 2) * 2, (x.shape[-1] // 2) * 2
+    x = x[..., :h, :w]
+    total = x[..., 0::2, 0::2] + x[..., 0::2, 1::2]
+    total += x[..., 1::2, 0::2]
+    total += x[..., 1::2, 1::2]
+    return total.div_(4)
 
 
 def _maxpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
@@ -468,11 +514,14 @@ def default_memory_budget(device: torch.device) -> int:
 class TorchTarget:
     """Float SNN simulation; implements `targets.base.Target`.
 
-    Options: `device` (auto, cpu, cuda, ...); `precision` of the synaptic ops (float32;
-    float16 and bfloat16 on CUDA only); `channels_last` (None: on for CUDA and CPU
-    convolutional nets); `compile` (torch.compile the IF scan; off by default);
-    `memory_budget` in bytes for one chunk's peak (None: see `default_memory_budget`);
-    `batch_chunk` to force the number of samples run together.
+    Options:
+    - `device`: auto, cpu, cuda, cuda:1 ...
+    - `precision` of the synaptic ops: float32 (IEEE, also on CUDA); tf32, float16, bfloat16 (CUDA only).
+    - `channels_last`: NHWC images; None means only for float16 / bfloat16 on CUDA, because NHWC
+      convolutions sum in another order and so round differently from the reference.
+    - `compile`: torch.compile the IF scan (off by default; slow to compile, see bench/throughput.py).
+    - `memory_budget`: bytes one chunk may use at its peak (None: `default_memory_budget`).
+    - `batch_chunk`: force the number of samples run together.
     """
 
     name = "torch"
@@ -500,11 +549,15 @@ class TorchTarget:
     def prepare(self, graph: ir.Graph) -> None:
         device = resolve_device(self.device_name)
         dtype = PRECISIONS[self.precision]
-        if dtype != torch.float32 and device.type != "cuda":
+        if self.precision != "float32" and device.type != "cuda":
             raise ToolchainError(f"precision {self.precision} is offered on CUDA only; use float32 on {device.type}")
         channels_last = self.channels_last
         if channels_last is None:
-            channels_last = any(isinstance(n, ir.Conv2d) for n in graph.nodes)
+            # NHWC convolutions round differently from NCHW ones (other kernels, other summation
+            # order): on a VGG-16 about 0.02 % of spikes flip. Off by default where results can
+            # match the reference exactly; on for reduced precision on CUDA (tensor-core kernels).
+            has_conv = any(isinstance(n, ir.Conv2d) for n in graph.nodes)
+            channels_last = device.type == "cuda" and dtype != torch.float32 and has_conv
         self.executor = TorchExecutor(graph, device, dtype, channels_last=channels_last, compile=self.compile)
 
     def chunk_size(self, batch: int, steps: int) -> int:
@@ -527,7 +580,8 @@ class TorchTarget:
         inputs = torch.as_tensor(x)
         readouts: list[np.ndarray] = []
         totals: dict[str, torch.Tensor] = {}
-        with torch.inference_mode():
+        cuda = executor.device.type == "cuda"
+        with torch.inference_mode(), fp32_mode(cuda and executor.dtype == torch.float32, self.precision == "tf32"):
             for begin in range(0, batch, chunk):
                 counts: dict[str, torch.Tensor] = {}
                 readout = executor.run(inputs[begin : begin + chunk], steps, counts=counts)
