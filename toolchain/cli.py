@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N samples")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
+    evaluate.add_argument(
+        "--distributed", action="store_true",
+        help="shard the data over torchrun's processes (on by itself under torchrun with WORLD_SIZE > 1)",
+    )  # fmt: skip
     _add_preprocess_flags(evaluate)
     _add_run_flags(evaluate)
 
@@ -146,19 +150,23 @@ def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from targets.base import get_target
     from toolchain.build import ANN_FILE
+    from toolchain.distributed import launched_by_torchrun, session
     from toolchain.evaluate import evaluate, parse_steps
     from toolchain.reference import OnnxReference
 
     steps = parse_steps(args.steps)
     graph, data = _load_artifact_and_data(args)
-    target = get_target(args.target, device=args.device, artifact=args.artifact)
-    target.prepare(graph)
-    ann_path = args.artifact / ANN_FILE
-    ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
-    result = evaluate(
-        target, data, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
-        progress=False if args.json else None, label=f"{args.target} T={max(steps)}",
-    )
+    with session(args.distributed or launched_by_torchrun(), args.device) as ranks:
+        target = get_target(args.target, device=ranks.device, artifact=args.artifact)
+        target.prepare(graph)
+        ann_path = args.artifact / ANN_FILE
+        ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
+        result = ranks.combine(evaluate(
+            target, ranks.shard(data), graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+            progress=False if args.json or not ranks.is_main else None, label=f"{args.target} T={max(steps)}",
+        ))  # fmt: skip
+    if not ranks.is_main:
+        return 0
     if args.json:
         print(json.dumps({"artifact": str(args.artifact), "target": args.target, **result.to_json()}, indent=1))
     else:
