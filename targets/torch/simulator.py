@@ -428,9 +428,9 @@ def _maxpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.T
     # so the output count is always the max of the input counts (Rueckauer et al. 2017
     # gate on the leading input instead; near-equal inputs firing in turn then make that
     # gate over- or under-count by a whole rate, while this stays within one spike).
-    counts, _ = _pad(_merge(torch.cumsum(x, dim=0)), n.padding, value=float("-inf"))
+    counts, _ = _pad(_merge(torch.cumsum(x, dim=0, dtype=torch.float32)), n.padding, value=float("-inf"))
     running_max = _split(F.max_pool2d(counts, n.kernel, n.stride, symmetric or 0), x.shape[0])
-    return torch.diff(running_max, dim=0, prepend=torch.zeros_like(running_max[:1]))
+    return torch.diff(running_max, dim=0, prepend=torch.zeros_like(running_max[:1])).to(x.dtype)
 
 
 def _flatten(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
@@ -503,7 +503,8 @@ def default_memory_budget(device: torch.device) -> int:
     """Bytes one batch chunk may use at its peak: half the free GPU memory, or a quarter of RAM (at most 8 GiB)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable by torch
+        return int((free + cached) * 0.5)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
