@@ -227,21 +227,29 @@ def test_registry_and_reference_target_share_the_interface():
     assert_same_simulation(fast.run(x, 10), reference.run(x, 10))
 
 
+def assert_close_simulation(got, expected, agreement: float = 0.97, spikes_rtol: float = 1e-3) -> None:
+    """Across devices the convolutions' sums are rounded by other kernels, so a spike may flip where
+    the potential lands within float rounding of the threshold: nearly the same, not bit for bit."""
+    same_class = (got.readout[-1].argmax(-1) == expected.readout[-1].argmax(-1)).mean()
+    assert same_class >= agreement, f"final class agrees on only {same_class:.1%} of samples"
+    for layer in expected.spikes:
+        total, reference = got.spikes[layer].sum(), expected.spikes[layer].sum()
+        assert abs(total - reference) <= spikes_rtol * max(1.0, reference), f"{layer}: {total} vs {reference} spikes"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
-@pytest.mark.parametrize("case", ["maxpool-per-channel", "residual-add-concat"])
-def test_cuda_equals_the_cpu_reference(case):
+@pytest.mark.parametrize("case", ["maxpool-per-channel", "residual-add-concat", "concat-constant-branch"])
+def test_cuda_matches_the_cpu_reference(case):
     snn = _snn(CASES[case]())
     x = _inputs(snn)
     expected = simulate(snn, x, STEPS)
-    target = make_target(device="cuda")
-    target.prepare(snn)
-    assert_same_simulation(target.run(x, STEPS), expected)
-    chunked = make_target(device="cuda", batch_chunk=5)
-    chunked.prepare(snn)
-    assert_same_simulation(chunked.run(x, STEPS), expected)
-    for precision in ("float16", "bfloat16"):
+    for options in ({}, {"batch_chunk": 5}, {"channels_last": True}):
+        target = make_target(device="cuda", **options)
+        target.prepare(snn)
+        assert_close_simulation(target.run(x, STEPS), expected)
+    cuda_reference = simulate(snn, x, STEPS, device="cuda")
+    assert_close_simulation(cuda_reference, expected)
+    for precision in ("tf32", "float16", "bfloat16"):
         low = make_target(device="cuda", precision=precision)
         low.prepare(snn)
-        out = low.run(x, STEPS)
-        agreement = (out.readout[-1].argmax(-1) == expected.readout[-1].argmax(-1)).mean()
-        assert agreement >= 0.9, f"{precision}: final class agrees on only {agreement:.0%} of samples"
+        assert_close_simulation(low.run(x, STEPS), expected, agreement=0.85, spikes_rtol=0.05)
