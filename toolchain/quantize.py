@@ -17,9 +17,15 @@ Scheme
   with signed mantissas `q` in [-127, 127] (8 bits; -128 is not used so that
   Lava's sign-mode clipping of `2*q` is exact for every sign mode). `weight_exp`
   is chosen so that Theta lands in [2**threshold_bits, 2**(threshold_bits+1)).
+  One weight scale per population leaves a channel with a tiny float threshold
+  (huge normalised weights) starving the others of bits, so channels whose
+  largest normalised weight exceeds `max_row_ratio` times the median channel's
+  get their threshold and v0 raised to fit (the next layer compensates exactly;
+  reported as `raised_channels` in the layer stats).
 * **Synapse arithmetic** (per step, integers): `a = sum(q * s)`, then
   `a << weight_exp` (or an arithmetic right shift, i.e. floor, when the exponent
-  is negative). An optional non-overlapping *sum*-pooling (`pool`, kernel ==
+  is negative; the bias then gets +1/2 unit to cancel the floor's mean error).
+  An optional non-overlapping *sum*-pooling (`pool`, kernel ==
   stride) is applied to the source first; its 1/k^2 is folded into `q`.
   Convolutions use PyTorch's layout and correlation; `padding` is
   (top, left, bottom, right).
@@ -40,7 +46,16 @@ Scheme
 * **Delays.** Every connection adds one time step (Lava semantics), so layer l
   at depth d_l (its number of connections from the input) sees at step t the
   input of step t - d_l. The float semantics are reproduced exactly by resetting
-  each population to v0 at its own depth; `FixedGraph.depth` gives d_l.
+  each population to v0 at its own depth; `FixedGraph.depth` gives d_l. The
+  emulator works in this *logical* time (step k of every layer belongs to input
+  step k), so its readout at step T-1 has integrated exactly T steps of input;
+  the Lava runner reads layer l at its steps d_l .. d_l + T - 1.
+* **Folding.** Between two populations: affines (per channel), at most one
+  leading non-overlapping average pool (kept as the sum-pool), then one conv
+  ("conv" synapse); any other linear chain (flatten, linear maps, overlapping or
+  padded pools, several convs) is probed into a "dense" matrix (up to
+  `max_dense_weights` entries). Biases, affine shifts and the input offset are
+  probed into a per-neuron bias.
 
 Overflow of the 24-bit membrane is never silent: the quantiser refuses values
 that cannot fit (bias, v0, threshold), reports per layer a conservative number

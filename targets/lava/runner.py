@@ -22,7 +22,7 @@ so the readout at logical step T-1 reflects exactly T steps of input.
 
 from __future__ import annotations
 
-import atexit
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -130,6 +130,7 @@ class LavaTarget:
             raise ToolchainError(f"tag={tag!r}: choose one of {', '.join(TAGS)}")
         if on_overflow not in ("raise", "saturate"):
             raise ToolchainError(f"on_overflow={on_overflow!r}: choose raise or saturate")
+        self.fixed_option = fixed
         self.fixed = fixed
         self.tag = tag
         self.record = record
@@ -148,7 +149,9 @@ class LavaTarget:
     def prepare(self, graph: ir.Graph | FixedGraph) -> None:
         if isinstance(graph, FixedGraph):
             self.fixed = graph
-        elif self.fixed is None:
+        elif self.fixed_option is not None:
+            self.fixed = self.fixed_option
+        else:
             self.fixed = quantize(graph, **self.quantize_options)  # type: ignore[arg-type]
         self.close()
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
@@ -248,8 +251,7 @@ class LavaTarget:
         network.readout.run(condition=RunSteps(num_steps=network.period), run_cfg=Loihi2SimCfg(select_tag=self.tag))
         if not network.started:
             network.started = True
-            self._finalizer = weakref.finalize(self, _stop, network.readout)
-            atexit.register(self._finalizer)
+            self._finalizer = weakref.finalize(self, _stop, network.readout)  # also runs at exit
 
     def run_recorded(self, x: np.ndarray, steps: int) -> Recording:
         """Run a batch sample by sample; every IF layer's spikes per step per neuron in logical time
@@ -310,7 +312,6 @@ class LavaTarget:
         """Stop the Lava runtime (a later run builds the network again)."""
         if self._finalizer is not None:
             self._finalizer()
-            atexit.unregister(self._finalizer)
             self._finalizer = None
         self.network = None
 
@@ -355,6 +356,9 @@ class ValidationReport:
     lava_startup_seconds: float  # wall time of the first sample: compiling, starting the runtime, running it
     emulator_seconds: float
     spikes_compared: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok, "summary": self.summary()}
 
     @property
     def ok(self) -> bool:

@@ -53,7 +53,8 @@ class Recording:
 
     spikes: dict[str, np.ndarray]  # IF layer -> (T, B, *shape) bool
     readout: np.ndarray  # (T, B, classes) int64 accumulator
-    overflows: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (T,) saturation counts
+    # layer -> saturation counts: per step (T,) from the emulator, one total (1,) from Lava
+    overflows: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (T,) spikes summed over batch
     neuron_counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (n,) summed over T and batch
 
@@ -225,6 +226,7 @@ class LoihiTarget:
         if on_overflow not in ("raise", "saturate"):
             raise ToolchainError(f"on_overflow={on_overflow!r}: choose raise or saturate")
         self.device = resolve_device(device)
+        self.fixed_option = fixed
         self.fixed = fixed
         self.on_overflow = on_overflow
         self.batch_size = max(1, int(batch_size))
@@ -235,7 +237,9 @@ class LoihiTarget:
     def prepare(self, graph: ir.Graph | FixedGraph) -> None:
         if isinstance(graph, FixedGraph):
             self.fixed = graph
-        elif self.fixed is None:
+        elif self.fixed_option is not None:
+            self.fixed = self.fixed_option
+        else:
             self.fixed = quantize(graph, **self.quantize_options)  # type: ignore[arg-type]
         self.emulator = Emulator(self.fixed, self.device)
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
