@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/toolchain build models/mnist_cnn.onnx --target lava -T 32 \
 		--data models/data/mnist --validate 20 --report -o $(DEMO_OUT)
-	$(VENV)/bin/toolchain eval $(DEMO_OUT) --data models/data/mnist -T 1,2,4,8,16,32 --target loihi
+	$(VENV)/bin/toolchain inspect $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -47,3 +48,19 @@ def get_target(name: str, **options: object) -> Target:
         raise ToolchainError(f"unknown target {name!r}; choose one of {', '.join(TARGET_MODULES)}")
     module = importlib.import_module(TARGET_MODULES[name])
     return module.make_target(**options)
+
+
+def open_target(name: str, artifact: str | Path | None = None, device: str = "auto") -> Target:
+    """A backend ready to `prepare` an artifact's graph: fixed-point targets reuse the
+    artifact's saved fixed-point network when the build wrote one, so what runs is
+    exactly what was validated."""
+    options: dict[str, object] = {"device": device}
+    if name in ("loihi", "lava") and artifact is not None:
+        from toolchain.quantize import has_fixed, load_fixed
+
+        if has_fixed(artifact):
+            options["fixed"] = load_fixed(artifact)
+    try:
+        return get_target(name, **options)
+    except ImportError as exc:
+        raise ToolchainError(f"target {name!r} is not available here ({exc})") from None

@@ -125,15 +125,82 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     if (args.validate or args.report) and args.data is None:
         raise ToolchainError("--validate and --report run test samples: pass --data DATA")
+    if args.validate and args.target != "lava":
+        raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
+    if args.target == "lava":
+        import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
     result = build_snn(options)
-    out = write_artifact(result, options)
+    extra_files: dict[str, bytes] = {}
+    fixed = None
+    if args.target in ("loihi", "lava"):
+        from toolchain.quantize import fixed_files, quantize
+
+        fixed = quantize(result.snn)
+        extra_files = fixed_files(fixed)
+        result.log["fixed_point"] = fixed.report()
+    out = write_artifact(result, options, extra_files)
     print(f"wrote {out} ({len(result.snn.nodes)} nodes, target {args.target})")
     for layer in result.log["layers"]:
         print(
             f"  {layer['name']:<28} theta {layer['threshold_min']:.4g}..{layer['threshold_max']:.4g}"
             f"  v0 {layer['v0_fraction']:.2f} theta  ({layer['source']})"
         )
-    return 0
+    if fixed is not None:
+        print("fixed point (8-bit weight mantissas, 24-bit membrane):")
+        for row in result.log["fixed_point"]:
+            print(
+                f"  {row['layer']:<28} {row['synapse']:<12} threshold {row['threshold']:>5}  2^{row['weight_exp']:<3}"
+                f" weight error {100 * row['weight_rel_l2']:.2f} %  overflow-free for {row['safe_steps']} steps"
+            )
+    if args.data is None:
+        return 0
+    return _check_build(args, out, result, fixed)
+
+
+def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any) -> int:
+    """After a build with --data: accuracy at T beside the ANN, Lava validation, report."""
+    from targets.base import open_target
+    from toolchain.data import load_dataset
+    from toolchain.evaluate import evaluate
+    from toolchain.reference import OnnxReference
+    from toolchain.report import SpikeMapRecorder
+
+    graph = result.snn
+    test = load_dataset(args.data, "test")
+    steps = sorted({1, 2, 4, 8, 16, args.steps} - {t for t in (1, 2, 4, 8, 16) if t > args.steps})
+    ann = OnnxReference(out / "ann.onnx")
+    runs, recorders = {}, {}
+    for name in ("torch", "loihi") if fixed is not None else ("torch",):
+        recorders[name] = target = SpikeMapRecorder(open_target(name, out, args.device))
+        target.prepare(graph)
+        runs[name] = evaluate(target, test, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+                              label=f"{name} T={args.steps}")
+    ann_accuracy = runs["torch"].ann_accuracy()
+    print(f"accuracy on {test.source}, {len(test)} samples, T={args.steps}:")
+    print(f"  ANN (onnxruntime)        {100 * ann_accuracy:6.2f} %")
+    print(f"  SNN float (torch)        {100 * runs['torch'].snn_accuracy()[args.steps]:6.2f} %")
+    if "loihi" in runs:
+        print(f"  SNN fixed point (loihi)  {100 * runs['loihi'].snn_accuracy()[args.steps]:6.2f} %")
+    status = 0
+    if args.validate:
+        from targets.lava.runner import validate
+
+        x = graph.preprocess.apply(test.x[: args.validate]).reshape((-1, *graph.input_shape))
+        check = validate(fixed, x, args.steps)
+        print(f"lava validation: {check.summary()}")
+        print(f"  lava {check.lava_seconds_per_sample:.2f} s/sample (start-up {check.lava_startup_seconds:.1f} s), "
+              f"emulator {check.emulator_seconds / max(1, check.samples) * 1000:.2f} ms/sample")
+        status = 0 if check.ok else 1
+    if args.report:
+        from toolchain.report import write_report
+
+        report_target = "loihi" if "loihi" in runs else "torch"
+        for fmt in ("html", "md", "json"):
+            write_report(out, runs[report_target], graph, fmt, out / f"report.{fmt}", target=report_target,
+                         data=test.source, spike_maps=recorders[report_target].maps)
+        path = out / "report.html"
+        print(f"report: {path} (also report.md, report.json)")
+    return status
 
 
 def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -148,7 +215,7 @@ def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from targets.base import get_target
+    from targets.base import open_target
     from toolchain.build import ANN_FILE
     from toolchain.distributed import launched_by_torchrun, session
     from toolchain.evaluate import evaluate, parse_steps
@@ -157,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     steps = parse_steps(args.steps)
     graph, data = _load_artifact_and_data(args)
     with session(args.distributed or launched_by_torchrun(), args.device) as ranks:
-        target = get_target(args.target, device=ranks.device, artifact=args.artifact)
+        target = open_target(args.target, args.artifact, ranks.device)
         target.prepare(graph)
         ann_path = args.artifact / ANN_FILE
         ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None

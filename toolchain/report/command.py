@@ -9,7 +9,7 @@ from toolchain.errors import ToolchainError
 
 
 def run(args: argparse.Namespace) -> int:
-    from targets.base import get_target
+    from targets.base import open_target
     from toolchain.build import ANN_FILE, apply_preprocess_overrides
     from toolchain.data import load_dataset
     from toolchain.evaluate import evaluate
@@ -35,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, args.split).subset(args.limit)
     if len(data) == 0:
         raise ToolchainError(f"{args.data}: no samples to evaluate")
-    try:
-        inner = get_target(args.target, device=args.device, artifact=args.artifact)
-    except ImportError as exc:
-        raise ToolchainError(f"target {args.target!r} is not available here ({exc})") from None
+    inner = open_target(args.target, args.artifact, args.device)
     target = SpikeMapRecorder(inner)
     ann_path = args.artifact / ANN_FILE
     ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
