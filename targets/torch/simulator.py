@@ -495,7 +495,7 @@ OPS: dict[str, Callable[[CompiledNode, list[torch.Tensor], int], torch.Tensor]] 
 
 # On CPU, a layer's (T x chunk) stack is kept near this size so memory-bound ops run
 # from cache rather than DRAM (measured in bench/throughput.py: see its chunk sweep).
-CPU_STACK_BYTES = 32 << 20
+CPU_STACK_BYTES = 24 << 20
 CPU_MEMORY_BUDGET_MAX = 8 << 30
 
 
