@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
 
 
 def atomic_directory(target: Path, files: dict[str, bytes]) -> Path:
@@ -37,3 +45,37 @@ def atomic_file(target: Path, data: bytes) -> Path:
         tmp.write(data)
     Path(tmp.name).replace(target)
     return target
+
+
+def pack_document(document: dict[str, Any], tensors: dict[str, np.ndarray], json_name: str, npz_name: str) -> dict[str, bytes]:
+    """A JSON document and its arrays as two files; the document records the arrays' sha256."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **tensors)
+    tensor_bytes = buffer.getvalue()
+    document = {**document, "checksums": {npz_name: hashlib.sha256(tensor_bytes).hexdigest()}}
+    return {json_name: json.dumps(document, indent=1).encode(), npz_name: tensor_bytes}
+
+
+def read_document(
+    directory: Path, json_name: str, npz_name: str, schema_version: int, missing: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read what `pack_document` wrote, refusing other schema versions and damaged arrays.
+
+    `missing` completes the message when the JSON file is absent (what to run instead).
+    """
+    path = Path(directory) / json_name
+    if not path.is_file():
+        raise ToolchainError(f"{directory}: {missing} (no {json_name})")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ToolchainError(f"{path}: corrupt file ({exc})") from None
+    version = document.get("schema_version")
+    if version != schema_version:
+        raise ToolchainError(f"{path}: schema version {version}, this toolchain reads {schema_version}; rebuild it")
+    npz_path = Path(directory) / npz_name
+    tensor_bytes = npz_path.read_bytes() if npz_path.is_file() else b""
+    if document.get("checksums", {}).get(npz_name) != hashlib.sha256(tensor_bytes).hexdigest():
+        raise ToolchainError(f"{npz_path}: missing or checksum mismatch, the artifact is damaged; rebuild it")
+    with np.load(io.BytesIO(tensor_bytes)) as archive:
+        return document, {k: archive[k] for k in archive.files}

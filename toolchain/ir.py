@@ -13,9 +13,6 @@ preprocessing, schema version, sha256 of the tensors file) and `tensors.npz`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,36 +302,19 @@ def graph_tensors(graph: Graph) -> dict[str, np.ndarray]:
 
 def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the artifact atomically: into a temporary sibling, then renamed into place."""
-    from toolchain.fileio import atomic_directory
+    from toolchain.fileio import atomic_directory, pack_document
 
-    buffer = io.BytesIO()
-    np.savez(buffer, **graph_tensors(graph))
-    tensor_bytes = buffer.getvalue()
-    document = graph_to_json(graph)
-    document["checksums"] = {TENSORS_FILE: hashlib.sha256(tensor_bytes).hexdigest()}
-    files = {GRAPH_FILE: json.dumps(document, indent=1).encode(), TENSORS_FILE: tensor_bytes}
+    files = pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
     files.update(extra_files or {})
     return atomic_directory(Path(directory), files)
 
 
 def load_graph(directory: str | Path) -> Graph:
-    directory = Path(directory)
-    graph_path = directory / GRAPH_FILE
-    if not graph_path.is_file():
-        raise ToolchainError(f"{directory}: not a toolchain artifact (no {GRAPH_FILE}); run `toolchain build` first")
-    try:
-        document = json.loads(graph_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ToolchainError(f"{graph_path}: corrupt graph file ({exc})") from None
-    version = document.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ToolchainError(f"{graph_path}: schema version {version}, this toolchain reads {SCHEMA_VERSION}; rebuild it")
-    tensor_bytes = (directory / TENSORS_FILE).read_bytes()
-    expected = document.get("checksums", {}).get(TENSORS_FILE)
-    if expected != hashlib.sha256(tensor_bytes).hexdigest():
-        raise ToolchainError(f"{directory / TENSORS_FILE}: checksum mismatch, the artifact is damaged; rebuild it")
-    with np.load(io.BytesIO(tensor_bytes)) as archive:
-        tensors = {k: archive[k] for k in archive.files}
+    from toolchain.fileio import read_document
+
+    document, tensors = read_document(
+        Path(directory), GRAPH_FILE, TENSORS_FILE, SCHEMA_VERSION, "not a toolchain artifact; run `toolchain build` first"
+    )
     return Graph(
         input_name=document["input_name"],
         input_shape=tuple(document["input_shape"]),

@@ -70,9 +70,6 @@ Saved next to the float artifact as `fixed_graph.json` + `fixed_tensors.npz`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +79,7 @@ import numpy as np
 
 from toolchain import ir
 from toolchain.errors import ToolchainError
+from toolchain.fileio import atomic_directory, pack_document, read_document
 
 FIXED_SCHEMA_VERSION = 1
 FIXED_GRAPH_FILE = "fixed_graph.json"
@@ -685,9 +683,6 @@ def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
             value = getattr(layer, f.name)
             if isinstance(value, np.ndarray):
                 tensors[f"{index}/{f.name}"] = value
-    buffer = io.BytesIO()
-    np.savez(buffer, **tensors)
-    tensor_bytes = buffer.getvalue()
     document = {
         "schema_version": FIXED_SCHEMA_VERSION,
         "input_name": fixed.input_name,
@@ -697,14 +692,12 @@ def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
         "v_bits": fixed.v_bits,
         "meta": fixed.meta,
         "layers": [_layer_to_json(i, layer) for i, layer in enumerate(fixed.layers)],
-        "checksums": {FIXED_TENSORS_FILE: hashlib.sha256(tensor_bytes).hexdigest()},
     }
-    return {FIXED_GRAPH_FILE: json.dumps(document, indent=1).encode(), FIXED_TENSORS_FILE: tensor_bytes}
+    return pack_document(document, tensors, FIXED_GRAPH_FILE, FIXED_TENSORS_FILE)
 
 
 def save_fixed(fixed: FixedGraph, directory: str | Path) -> Path:
     """Write a FixedGraph into its own directory (atomically)."""
-    from toolchain.fileio import atomic_directory
 
     return atomic_directory(Path(directory), fixed_files(fixed))
 
@@ -715,24 +708,10 @@ def has_fixed(directory: str | Path) -> bool:
 
 def load_fixed(directory: str | Path) -> FixedGraph:
     """Read a FixedGraph from a directory holding `fixed_graph.json` (a build artifact or `save_fixed`)."""
-    directory = Path(directory)
-    path = directory / FIXED_GRAPH_FILE
-    if not path.is_file():
-        raise ToolchainError(f"{directory}: no fixed-point network ({FIXED_GRAPH_FILE}); build for the loihi target")
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ToolchainError(f"{path}: corrupt file ({exc})") from None
-    if document.get("schema_version") != FIXED_SCHEMA_VERSION:
-        raise ToolchainError(
-            f"{path}: fixed-point schema {document.get('schema_version')}, this toolchain reads "
-            f"{FIXED_SCHEMA_VERSION}; rebuild it"
-        )
-    tensor_bytes = (directory / FIXED_TENSORS_FILE).read_bytes()
-    if document.get("checksums", {}).get(FIXED_TENSORS_FILE) != hashlib.sha256(tensor_bytes).hexdigest():
-        raise ToolchainError(f"{directory / FIXED_TENSORS_FILE}: checksum mismatch, the artifact is damaged; rebuild it")
-    with np.load(io.BytesIO(tensor_bytes)) as archive:
-        tensors = {k: archive[k] for k in archive.files}
+    document, tensors = read_document(
+        Path(directory), FIXED_GRAPH_FILE, FIXED_TENSORS_FILE, FIXED_SCHEMA_VERSION,
+        "no fixed-point network; build with --target loihi or lava",
+    )
     layers = []
     names = {f.name for f in dataclasses.fields(FixedLayer)}
     for record in document["layers"]:
