@@ -5,7 +5,7 @@ T = 1, 2, 4, ..., 128 for each threshold source (trained ceilings, max, p99.99) 
 each initial potential (zero, half, optimal), all through the same `toolchain.build`
 and `toolchain.evaluate` code the CLI uses. Writes JSON and Markdown.
 
-    python bench/accuracy_latency.py --model models/zoo/fmnist_vgg_clip/model.onnx \
+    python bench/accuracy_latency.py --model models/zoo/fmnist_vgg_clip.onnx \
         --data ../shared/data/fashion-mnist --out bench/results/fmnist_vgg_clip
 """
 
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from targets.base import get_target  # noqa: E402
+from targets.torch.simulator import resolve_device  # noqa: E402
 from toolchain.build import BuildOptions, build_snn  # noqa: E402
 from toolchain.calibrate import activations  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> dict:
     has_ceilings = all(n.ceiling is not None for n in activations(ann_graph))
     rows = []
     ann_accuracy = None
+    reference = OnnxReference(args.model)
     for threshold in THRESHOLDS:
         if threshold == "ceiling" and not has_ceilings:
             continue
@@ -57,22 +59,29 @@ def run(args: argparse.Namespace) -> dict:
             built = build_snn(options)
             target = get_target("torch", device=args.device)
             target.prepare(built.snn)
-            reference = OnnxReference(args.model) if ann_accuracy is None else None
-            data = test.subset(args.other_limit) if (threshold, v0) != args.headline and args.other_limit else test
-            result = evaluate(target, data, built.snn.preprocess, built.snn.input_shape, steps, args.batch_size, reference,
-                              progress=None, label=f"{threshold}/{v0}")
-            if reference is not None:
-                ann_accuracy = result.ann_accuracy()
-            row = {
-                "threshold": threshold,
-                "v0": v0,
-                "samples": result.samples,
-                "snn_accuracy": {str(t): a for t, a in result.snn_accuracy().items()},
-                "v0_fraction": built.snn.meta["conversion"].get("v0_fraction", {}),
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-            rows.append(row)
-            print(f"{threshold:>8} {v0:>8} " + " ".join(f"{100 * a:6.2f}" for a in result.snn_accuracy().values()), flush=True)
+            subsets = [test]
+            if args.other_limit and args.other_limit < len(test):
+                # The other methods run on a prefix of the test set; the headline runs on both,
+                # so that every comparison between rows is on the same samples.
+                prefix = test.subset(args.other_limit)
+                subsets = [test, prefix] if (threshold, v0) == args.headline else [prefix]
+            for data in subsets:
+                result = evaluate(target, data, built.snn.preprocess, built.snn.input_shape, steps, args.batch_size,
+                                  reference, progress=None, label=f"{threshold}/{v0}")
+                if result.samples == len(test):
+                    ann_accuracy = result.ann_accuracy()
+                rows.append({
+                    "threshold": threshold,
+                    "v0": v0,
+                    "samples": result.samples,
+                    "ann_accuracy": result.ann_accuracy(),
+                    "snn_accuracy": {str(t): a for t, a in result.snn_accuracy().items()},
+                    "agreement_with_ann": {str(t): c / result.samples for t, c in result.agreement.items()},
+                    "v0_fraction": built.snn.meta["conversion"].get("v0_fraction", {}),
+                    "seconds": round(time.perf_counter() - started, 1),
+                })
+                print(f"{threshold:>8} {v0:>8} {result.samples:>6} "
+                      + " ".join(f"{100 * a:6.2f}" for a in result.snn_accuracy().values()), flush=True)
     return {
         "model": str(args.model),
         "data": str(args.data),
@@ -81,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": steps,
         "maxpool": args.maxpool,
         "rows": rows,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": str(resolve_device(args.device)),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "threads": torch.get_num_threads()},
         "date": time.strftime("%Y-%m-%d"),
@@ -91,18 +100,19 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     steps = result["steps"]
     lines = [
-        f"### {Path(result['model']).parent.name or result['model']}",
+        f"### {Path(result['model']).stem}",
         "",
         f"Model `{result['model']}`, data `{result['data']}`; ANN accuracy (onnxruntime) "
-        f"**{100 * result['ann_accuracy']:.2f} %**. SNN accuracy (%) at T time steps; "
+        f"**{100 * result['ann_accuracy']:.2f} %** on all {result['test_samples']} test samples. "
+        "SNN accuracy (%) at T time steps, with the ANN's accuracy on the same samples beside it; "
         f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}.",
         "",
-        "| threshold | v0 | samples | " + " | ".join(f"T={t}" for t in steps) + " |",
-        "|---|---|---|" + "---|" * len(steps),
+        "| threshold | v0 | samples | ANN | " + " | ".join(f"T={t}" for t in steps) + " |",
+        "|---|---|---|---|" + "---|" * len(steps),
     ]
     for row in result["rows"]:
         cells = " | ".join(f"{100 * row['snn_accuracy'][str(t)]:.2f}" for t in steps)
-        lines.append(f"| {row['threshold']} | {row['v0']} | {row['samples']} | {cells} |")
+        lines.append(f"| {row['threshold']} | {row['v0']} | {row['samples']} | {100 * row['ann_accuracy']:.2f} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
