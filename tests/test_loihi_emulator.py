@@ -214,3 +214,117 @@ def test_trained_mnist_cnn_keeps_its_accuracy():
     got = target.run(x, steps).readout[-1].argmax(1)
     assert (got == expected).mean() >= 0.95
     assert (got == data.y).mean() >= (expected == data.y).mean() - 0.04
+
+
+# ------------------------------------------------- fast path == int64 path
+
+
+def _assert_same_recording(fast, exact) -> None:
+    assert set(fast.spikes) == set(exact.spikes)
+    for name, expected in exact.spikes.items():
+        np.testing.assert_array_equal(fast.spikes[name], expected, err_msg=name)
+    np.testing.assert_array_equal(fast.readout, exact.readout)
+    for name in exact.counts:
+        np.testing.assert_array_equal(fast.counts[name], exact.counts[name], err_msg=name)
+        np.testing.assert_array_equal(fast.neuron_counts[name], exact.neuron_counts[name], err_msg=name)
+    for name in exact.overflows:
+        np.testing.assert_array_equal(fast.overflows[name], exact.overflows[name], err_msg=name)
+
+
+# (quantize options, steps, what the fast path must use somewhere in the net)
+FAST_CASES = [
+    ({}, 20, {"synapse": "float32", "membrane": "float32", "saturation_checks": False}),
+    ({"input_bits": 16}, 12, {"synapse": "float64", "membrane": "float64", "saturation_checks": False}),
+    ({"threshold_bits": 16}, 40, {"synapse": "float32", "membrane": "float32", "saturation_checks": True}),
+    ({"threshold_bits": 16, "input_bits": 16}, 24, {"synapse": "float64", "membrane": "float64", "saturation_checks": True}),
+    ({"threshold_bits": 4, "weight_bits": 3}, 300, {"synapse": "float32", "membrane": "float32", "saturation_checks": False}),
+]
+
+
+@pytest.mark.parametrize("variant", ["basic", "odd"])
+@pytest.mark.parametrize("options, steps, uses", FAST_CASES)
+def test_fast_path_equals_the_int64_path_bit_for_bit(variant, options, steps, uses):
+    """Random nets (analog graded input into the first layer, pools, strides, groups, dilation, asymmetric
+    padding, folded dense maps), float32/float64 synapses and membranes, with and without saturation."""
+    for seed in (0, 1):
+        snn = make_snn(seed, variant)
+        fixed = quantize(snn, input_range=(0, 1), **options)
+        x = make_inputs(snn, 5, seed=seed)
+        fast = make_target(device="cpu", fixed=fixed, on_overflow="saturate")
+        exact = make_target(device="cpu", fixed=fixed, on_overflow="saturate", arithmetic="int64")
+        fast.prepare(fixed)
+        exact.prepare(fixed)
+        assert exact.emulator.plans is None and fast.emulator.plans is not None
+        if seed == 0:
+            assert any(uses.items() <= row.items() for row in fast.emulator.describe(steps)), fast.emulator.describe(steps)
+        _assert_same_recording(fast.record(x, steps), exact.record(x, steps))
+        a, b = fast.run(x, steps), exact.run(x, steps)
+        np.testing.assert_array_equal(a.readout, b.readout)
+        for name in b.spikes:
+            np.testing.assert_array_equal(a.spikes[name], b.spikes[name])
+            np.testing.assert_array_equal(a.neuron_spikes[name], b.neuron_spikes[name])  # type: ignore[attr-defined]
+        assert fast.overflows == exact.overflows
+
+
+def test_fast_path_equals_the_int64_path_on_mnist_cnn():
+    if not MODEL.exists() or not MNIST.exists():
+        pytest.skip("models/mnist_cnn.onnx or the embedded MNIST test split is missing")
+    from toolchain.build import BuildOptions, build_snn
+    from toolchain.data import load_dataset
+
+    snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
+    fixed = quantize(snn)
+    data = load_dataset(MNIST, "test").subset(24)
+    x = snn.preprocess.apply(data.x).reshape((len(data.x), *snn.input_shape))
+    steps = 32
+    fast = make_target(device="cpu", fixed=fixed, batch_size=7)  # uneven batches
+    exact = make_target(device="cpu", fixed=fixed, arithmetic="int64")
+    fast.prepare(fixed)
+    exact.prepare(fixed)
+    rows = fast.emulator.describe(steps)
+    assert all(row["synapse"] == "float32" and not row["saturation_checks"] for row in rows), rows
+    _assert_same_recording(fast.record(x, steps), exact.record(x, steps))
+    a, b = fast.run(x, steps), exact.run(x, steps)
+    np.testing.assert_array_equal(a.readout, b.readout)
+    for name in b.spikes:
+        np.testing.assert_array_equal(a.neuron_spikes[name], b.neuron_spikes[name])  # type: ignore[attr-defined]
+
+
+def test_membrane_bound_is_sound():
+    """Whenever `_membrane_fits` says T steps are safe, no input sequence within the bounds overflows."""
+    from types import SimpleNamespace
+
+    from targets.loihi.emulator import _Bounds, _membrane_fits
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        theta = int(rng.integers(1, 2**21))
+        u_low, u_high = sorted(int(u) for u in rng.integers(-(2**21), 2**21, 2))
+        v0 = sorted(int(v) for v in rng.integers(-(2**20), 2**20, 2))
+        kind = "if" if rng.random() < 0.8 else "readout"
+        layer = SimpleNamespace(kind=kind, threshold=theta if kind == "if" else 0)
+        bounds = _Bounds(0, 0, u_low, u_high, v0[0], v0[1])
+        sequences = [np.full(64, u_high), np.full(64, u_low), rng.integers(u_low, u_high + 1, 64)]
+        sequences.append(np.where(np.arange(64) % 2 == 0, u_high, u_low))
+        for start in v0:
+            for u in sequences:
+                v, first = start, None
+                for t, u_t in enumerate(u.tolist()):
+                    v += u_t
+                    if abs(v) > V_MAX:
+                        first = t + 1
+                        break
+                    if kind == "if" and v >= theta:
+                        v -= theta
+                if first is not None:
+                    assert not _membrane_fits(layer, bounds, first), (theta, u_low, u_high, v0, kind, first)
+
+
+def test_int64_arithmetic_option_and_graded_input_range():
+    snn = make_snn(0, "basic")
+    with pytest.raises(ToolchainError, match="arithmetic"):
+        make_target(device="cpu", arithmetic="float16")
+    target = make_target(device="cpu", input_range=(0, 1))
+    target.prepare(snn)
+    with pytest.raises(ToolchainError, match="graded input"):
+        target.emulator.run_encoded(np.full((1, *snn.input_shape), 256, np.int32), 4)

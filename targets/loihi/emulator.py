@@ -9,21 +9,51 @@ It does exactly the integer arithmetic of our Lava process models
               s = v >= threshold; v -= s * threshold
     readout:  acc += a + bias, saturated the same way
 
-Linear maps run on the whole (T x batch) stack at once in float64 and are rounded
-back to int64: every partial sum is an integer below 2**53, so the result is exact
-whatever algorithm the backend picks (and rounding removes the tiny errors of
-Winograd/FFT convolutions). Only the neuron recurrence loops over T, in int64.
-
 Time. In Lava every connection adds one step of delay, so layer l (at depth d_l =
 `FixedGraph.depth[l]`) processes at Lava step t the input presented at step t - d_l,
 and the Lava runner resets each layer to v0 at its own depth. The emulator therefore
 works in *logical* time: its step k of layer l is Lava step k + d_l of that sample;
 `readout[k]` is the readout accumulated over the first k + 1 steps of input, as in
 the float simulator, so `readout[T-1]` reflects exactly T steps of input.
+
+Two arithmetic paths give the same bits:
+
+* "int64" (the reference): synapses in float64 rounded back to int64 (every partial sum is
+  an integer below 2**53), integer shifts, int64 membranes checked for saturation at every
+  step. Simple and slow.
+* "auto" (the default, fast): every layer runs over all T steps of its whole batch at once
+  (one sum-pool + conv/matmul call on the (T*B, ...) stack; only the neuron recurrence
+  loops over T), on float tensors whose exactness is proven per layer at prepare time:
+
+  - The payloads are non-negative integers (spikes 0/1, input 0..2**input_bits-1, sum-pooled
+    over `pool` cells), so every partial sum of `q * s` over any subset of taps lies in
+    [-neg_i * P, pos_i * P] (pos_i/neg_i: the sums of the positive/negative mantissas of
+    output i, P the largest pooled payload), whatever order the kernel adds in.
+  - The weights are stored pre-multiplied by 2**weight_exp (exact: a power of two), and an
+    integer bias may enter the kernel's own accumulation: then every intermediate value is a
+    multiple of g = 2**min(weight_exp, 0) of magnitude at most |S|max * 2**weight_exp + |bias|max.
+    When that is below 2**24 * g the layer's synapse runs in float32 (below 2**53 * g in
+    float64): integers (multiples of g) of that size are exact floats, so products and sums are
+    exact. `floor` (for negative exponents) and the bias (when it is not per channel) are exact
+    afterwards. Only kernels that multiply and add are used: oneDNN direct convolutions or
+    im2col + GEMM (NNPACK and cuDNN, which may pick Winograd/FFT, are switched off around the
+    calls, float32 matmuls run at "highest" precision, and any other backend torch would pick
+    is replaced by unfold + matmul).
+  - Neurons: from the bounds of the dendritic input u = a + bias and of v0, an interval
+    recurrence (`_membrane_fits`) proves per layer and T that no membrane can leave
+    +-(2**23 - 1) in T steps; then no saturation can occur, no check is needed and a float32
+    membrane (|v| < 2**24) is exact. Otherwise the layer checks and saturates every step, in
+    float32 while |u| + 2**23 < 2**24, else in float64.
+
+  Anything outside these bounds falls back to the int64 path. Spikes are float32 0/1
+  tensors that feed the next synapse directly; 4-D populations are kept channels-last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +66,14 @@ from toolchain.errors import ToolchainError
 from toolchain.quantize import V_MAX, FixedGraph, FixedLayer, encode_input, quantize
 
 QUANTIZE_OPTIONS = ("threshold_bits", "weight_bits", "input_bits", "input_range", "calibration", "max_dense_weights")
-CHUNK_ELEMENTS = 2**25  # float64 elements per synapse call (about 256 MiB)
+ARITHMETIC = ("auto", "int64")
+CHUNK_ELEMENTS = 2**25  # int64 path: float64 elements per synapse call (about 256 MiB)
+# Default batch: T x batch x (largest population) elements per activation tensor. About 16 MiB of
+# float32 spikes on CPU, so that the per-step slices the neuron loop touches stay in cache.
+BATCH_ELEMENTS = {"cpu": 2**22, "cuda": 2**27}
+EXACT_BITS = {torch.float32: 24, torch.float64: 53}
+# convolution backends that only multiply and add (oneDNN's is its direct algorithm)
+EXACT_CONV_BACKENDS = {"Mkldnn", "MkldnnEmpty", "Slow2d", "SlowDilated2d", "CudaDepthwise2d", "Empty"}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -59,52 +96,456 @@ class Recording:
     neuron_counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (n,) summed over T and batch
 
 
+# ------------------------------------------------------------------ bounds
+
+
+@dataclass
+class _Bounds:
+    """Integer bounds of one layer's arithmetic, for any input the encoder or the source can send."""
+
+    s_max: int  # largest |partial sum of q * s| (before the exponent)
+    kernel_max: int  # largest |intermediate| of the scaled kernel with the bias folded in, in units of g
+    u_low: int  # smallest dendritic input a + bias of any neuron
+    u_high: int  # largest
+    v0_low: int
+    v0_high: int
+
+
+def _shift(values: np.ndarray, exp: int) -> np.ndarray:
+    """Integer << exp, or arithmetic >> (floor) for negative exponents."""
+    return values << exp if exp >= 0 else values >> -exp
+
+
+def _bounds(layer: FixedLayer, payload_max: int) -> _Bounds:
+    q = layer.weight.astype(np.int64).reshape(layer.weight.shape[0], -1)
+    pooled_max = payload_max * layer.pool[0] * layer.pool[1]
+    pos = np.clip(q, 0, None).sum(1) * pooled_max  # per output channel (conv) or row (dense)
+    neg = np.clip(-q, 0, None).sum(1) * pooled_max
+    bias = layer.bias().reshape(layer.shape)
+    if layer.synapse == "conv":  # per channel -> per neuron
+        pos = pos.reshape((-1,) + (1,) * (len(layer.shape) - 1))
+        neg = neg.reshape(pos.shape)
+    else:
+        pos, neg = pos.reshape(layer.shape), neg.reshape(layer.shape)
+    e = layer.weight_exp
+    s_max = int(max(pos.max(initial=0), neg.max(initial=0)))
+    b_max = int(np.abs(bias).max(initial=0))
+    kernel_max = s_max * 2 ** max(e, 0) + b_max * 2 ** max(-e, 0)
+    high = _shift(np.broadcast_to(pos, layer.shape), e) + bias
+    low = _shift(-np.broadcast_to(neg, layer.shape), e) + bias
+    v0 = layer.v0.astype(np.int64)
+    return _Bounds(s_max, kernel_max, int(low.min()), int(high.max()), int(v0.min()), int(v0.max()))
+
+
+def _membrane_fits(layer: FixedLayer, b: _Bounds, steps: int) -> bool:
+    """True when no membrane of the layer can leave [-V_MAX, V_MAX] within `steps` steps.
+
+    Interval recurrence over all neurons and inputs: with v in [m, M] before a step,
+    v + u lies in [m + u_low, M + u_high] (the value that is saturated in Lava); after the
+    reset by subtraction a neuron that fired is at v + u - theta >= 0, one that did not is
+    at v + u < theta, so M' = max(min(theta - 1, M + u_high), M + u_high - theta) and
+    m' = min(0, m + u_low). The readout (no reset) moves by u_low..u_high per step.
+    """
+    if layer.kind != "if":
+        high = b.v0_high + max(b.u_high, steps * b.u_high)
+        low = b.v0_low + min(b.u_low, steps * b.u_low)
+        return high <= V_MAX and low >= -V_MAX
+    theta = layer.threshold
+    upper, lower = b.v0_high, b.v0_low
+    for _ in range(steps):
+        high, low = upper + b.u_high, lower + b.u_low
+        if high > V_MAX or low < -V_MAX:
+            return False
+        bounds = (max(min(theta - 1, high), high - theta), min(0, low))
+        if bounds == (upper, lower):  # a fixed point: every later step sees the same interval
+            return True
+        upper, lower = bounds
+    return True
+
+
+# ------------------------------------------------------------------ kernels
+
+
+@contextlib.contextmanager
+def _exact_kernels(device: torch.device) -> Iterator[None]:
+    """Float kernels that only multiply and add, at full float32 precision."""
+    precision = torch.get_float32_matmul_precision()
+    try:
+        mkldnn = torch.backends.mkldnn.set_flags(None, None, None, "ieee")
+    except TypeError:  # pragma: no cover - a torch without oneDNN fp32_precision (nor its bf16/tf32 modes)
+        mkldnn = None
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.backends.nnpack.flags(enabled=False))
+            if device.type == "cuda":
+                stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        if mkldnn is not None:
+            torch.backends.mkldnn.set_flags(None, None, None, mkldnn[3])
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `count` for a while (None: leave them)."""
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _conv_backend(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: FixedLayer, padding: tuple) -> str:
+    """The backend torch will pick (a private query; where it is missing, trust `_exact_kernels`' flags)."""
+    try:
+        backend = torch._C._select_conv_backend(
+            x, w, bias, list(layer.stride), list(padding), list(layer.dilation), False, [0, 0], layer.groups, None
+        )
+    except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - another torch
+        return "Mkldnn"
+    return str(backend).rsplit(".", 1)[-1]
+
+
+def _conv_by_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: FixedLayer, padding: tuple) -> torch.Tensor:
+    """Convolution as unfold + batched matmul (only multiplies and adds)."""
+    n = x.shape[0]
+    c_out, c_in_group, kh, kw = w.shape
+    groups = layer.groups
+    _, h_out, w_out = layer.shape
+    cols = F.unfold(x, (kh, kw), layer.dilation, padding, layer.stride).view(n, groups, c_in_group * kh * kw, -1)
+    y = (w.reshape(groups, c_out // groups, -1).unsqueeze(0) @ cols).reshape(n, c_out, h_out, w_out)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def _sum_pool(x: torch.Tensor, pool: tuple[int, int]) -> torch.Tensor:
+    """Non-overlapping sum-pool (kernel == stride, remainders dropped) by strided adds: exact."""
+    ph, pw = pool
+    h, w = x.shape[-2] // ph * ph, x.shape[-1] // pw * pw
+    if pw > 1:
+        x = sum((x[..., :h, b:w:pw] for b in range(1, pw)), x[..., :h, 0:w:pw])
+    if ph > 1:
+        x = sum((x[..., a:h:ph, :] for a in range(1, ph)), x[..., 0:h:ph, :])
+    return x
+
+
+def _empty(lead: tuple[int, ...], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised (*lead, *shape) tensor; 3-D population shapes are laid out channels-last."""
+    if len(shape) == 3:
+        c, h, w = shape
+        return torch.empty((*lead, h, w, c), dtype=dtype, device=device).movedim(-1, -3)
+    return torch.empty((*lead, *shape), dtype=dtype, device=device)
+
+
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """A (T, B, *shape) tensor from `_empty` viewed as (T, B, n) in its memory order."""
+    if x.dim() == 5:
+        x = x.movedim(-3, -1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _memory_index(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Positions in memory order of the neurons in CHW order."""
+    order = np.argsort(_hwc_order(shape)) if len(shape) == 3 else np.arange(int(np.prod(shape)))
+    return torch.as_tensor(order, device=device)
+
+
+def _layout(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-neuron array as a tensor in the populations' memory layout."""
+    tensor = torch.as_tensor(np.asarray(values, np.float64))
+    out = _empty((), tuple(tensor.shape), dtype, device)
+    return out.copy_(tensor)
+
+
+def _hwc_order(shape: tuple[int, ...]) -> np.ndarray:
+    """Indices that reorder a CHW-flattened vector into the channels-last memory order."""
+    if len(shape) != 3:
+        return np.arange(int(np.prod(shape)))
+    return np.arange(int(np.prod(shape))).reshape(shape).transpose(1, 2, 0).reshape(-1)
+
+
+# ------------------------------------------------------------------ plans
+
+
+@dataclass
+class _Plan:
+    """How the fast path runs one layer."""
+
+    layer: FixedLayer
+    bounds: _Bounds
+    dtype: torch.dtype  # synapse arithmetic (float32 or float64)
+    weight: torch.Tensor  # q * 2**weight_exp; conv: channels-last; dense: (in, out), rows/columns in memory order
+    kernel_bias: torch.Tensor | None  # the bias inside the kernel (per channel conv, per row dense) or None
+    bias: torch.Tensor | None  # per-neuron bias added after the kernel (when not folded), population layout
+    v0: torch.Tensor  # float64, population layout
+    floor: bool  # weight_exp < 0
+    states: dict[int, tuple[torch.dtype, bool]] = field(default_factory=dict)
+
+    def state_dtype(self, steps: int) -> tuple[torch.dtype, bool]:
+        """Membrane dtype and whether saturation must be checked for a run of `steps` steps."""
+        if steps not in self.states:
+            b = self.bounds
+            u_max = max(abs(b.u_low), abs(b.u_high))
+            if _membrane_fits(self.layer, b, steps) and u_max < 2**24:  # |v| <= V_MAX < 2**24 at every step
+                self.states[steps] = (self.dtype, False)
+            elif self.dtype == torch.float32 and u_max + V_MAX < 2**24:  # saturated v plus u stays exact
+                self.states[steps] = (torch.float32, True)
+            else:
+                self.states[steps] = (torch.float64, True)
+        return self.states[steps]
+
+
+def _plan(layer: FixedLayer, payload_max: int, device: torch.device) -> _Plan | None:
+    """The fast path for a layer, or None when its bounds exceed float64's exact range."""
+    bounds = _bounds(layer, payload_max)
+    dtype = next((d for d, bits in EXACT_BITS.items() if bounds.kernel_max < 2**bits), None)
+    u_max = max(abs(bounds.u_low), abs(bounds.u_high))
+    if dtype is None or u_max + V_MAX >= 2**53:
+        return None
+    e = layer.weight_exp
+    q = layer.weight.astype(np.float64) * 2.0**e
+    bias = layer.bias().reshape(layer.shape).astype(np.float64)
+    kernel_bias: np.ndarray | None = None
+    if layer.synapse == "conv":
+        weight = torch.as_tensor(q).to(device, dtype).contiguous(memory_format=torch.channels_last)
+        per_channel = bias.reshape(bias.shape[0], -1)
+        if np.all(per_channel == per_channel[:, :1]):
+            kernel_bias = per_channel[:, 0]
+    else:
+        rows = _hwc_order(tuple(layer.shape))
+        cols = _hwc_order(tuple(layer.pooled_shape))
+        weight = torch.as_tensor(np.ascontiguousarray(q.reshape(layer.size, -1)[rows][:, cols].T)).to(device, dtype)
+        kernel_bias = bias.reshape(-1)[rows]
+    return _Plan(
+        layer=layer,
+        bounds=bounds,
+        dtype=dtype,
+        weight=weight,
+        kernel_bias=None if kernel_bias is None else torch.as_tensor(kernel_bias).to(device, dtype),
+        bias=None if kernel_bias is not None else _layout(bias, dtype, device),
+        v0=_layout(layer.v0, torch.float64, device),
+        floor=e < 0,
+    )
+
+
+# ------------------------------------------------------------ int64 path
+
+
 @dataclass
 class _Compiled:
     layer: FixedLayer
-    weight: torch.Tensor  # float32 or float64 (whichever is exact for this layer)
-    bias: torch.Tensor  # int32 or int64, (*shape)
-    v0: torch.Tensor  # like bias
-    state_dtype: torch.dtype
+    weight: torch.Tensor  # float64 mantissas
+    bias: torch.Tensor  # int64, (*shape)
+    v0: torch.Tensor  # int64, (*shape)
 
 
-def _input_bound(layer: FixedLayer, payload_max: int) -> int:
-    """Largest |sum(q * s)| any output of the layer can see (before the exponent)."""
-    q = np.abs(layer.weight.astype(np.int64))
-    per_output = q.reshape(q.shape[0], -1).sum(1).max(initial=0)
-    return int(per_output) * payload_max * layer.pool[0] * layer.pool[1]
-
-
-def _compile(layer: FixedLayer, payload_max: int, device: torch.device) -> _Compiled:
-    bound = _input_bound(layer, payload_max)
-    # float32 sums of integers are exact below 2**24; on CPU the convolution and matmul kernels only
-    # multiply and add, so take float32 there when the bound allows (rounding absorbs nothing else).
-    exact32 = device.type == "cpu" and bound < 2**22
-    weight_dtype = torch.float32 if exact32 else torch.float64
-    u_bound = (bound << max(layer.weight_exp, 0)) + int(np.abs(layer.bias()).max(initial=0))
-    state_dtype = torch.int32 if u_bound < 2**30 else torch.int64
+def _compile(layer: FixedLayer, device: torch.device) -> _Compiled:
     return _Compiled(
         layer,
-        torch.as_tensor(layer.weight.astype(np.float64), device=device).to(weight_dtype),
-        torch.as_tensor(layer.bias(), device=device).to(state_dtype),
-        torch.as_tensor(layer.v0.astype(np.int64), device=device).to(state_dtype),
-        state_dtype,
+        torch.as_tensor(layer.weight.astype(np.float64), device=device),
+        torch.as_tensor(layer.bias(), device=device),
+        torch.as_tensor(layer.v0.astype(np.int64), device=device),
     )
 
 
 class Emulator:
-    """Runs a FixedGraph on integer torch tensors."""
+    """Runs a FixedGraph on torch tensors, bit-exact with the integer semantics.
 
-    def __init__(self, fixed: FixedGraph, device: str | torch.device = "auto"):
+    `arithmetic`: "auto" (the fast float path wherever its exactness is proven, see the module
+    docstring) or "int64" (the integer reference path for every layer). `threads`: torch's CPU threads
+    during a run (None: leave torch's setting). The default 1 is the faster choice on a few shared
+    cores: the neuron loops are thousands of small elementwise ops, and OpenMP's fork/join per op
+    costs more than it gains (and stalls for a whole time slice whenever a core is busy elsewhere);
+    for more throughput run several processes (`toolchain eval --distributed`).
+    """
+
+    def __init__(
+        self,
+        fixed: FixedGraph,
+        device: str | torch.device = "auto",
+        arithmetic: str = "auto",
+        threads: int | None = 1,
+    ):
+        if arithmetic not in ARITHMETIC:
+            raise ToolchainError(f"arithmetic={arithmetic!r}: choose one of {', '.join(ARITHMETIC)}")
         self.fixed = fixed
         self.device = resolve_device(device)
-        input_max = 2**fixed.input_bits - 1
-        self.compiled = [_compile(layer, input_max if layer.source is None else 1, self.device) for layer in fixed.layers]
+        self.threads = threads if self.device.type == "cpu" else None
+        self.input_max = 2**fixed.input_bits - 1
         self.last_use: dict[str | None, int] = {}
         for index, layer in enumerate(fixed.layers):
             self.last_use[layer.source] = index
+        self.plans: list[_Plan] | None = None
+        self.fallback: str | None = "arithmetic='int64'" if arithmetic == "int64" else None
+        if arithmetic == "auto":
+            plans = [_plan(layer, self.input_max if layer.source is None else 1, self.device) for layer in fixed.layers]
+            missing = [layer.name for layer, p in zip(fixed.layers, plans, strict=True) if p is None]
+            if missing:
+                self.fallback = f"layers {missing} exceed float64's exact range"
+            else:
+                self.plans = plans  # type: ignore[assignment]
+        self.compiled = [_compile(layer, self.device) for layer in fixed.layers] if self.plans is None else []
 
-    # --------------------------------------------------------------- synapses
+    def describe(self, steps: int) -> list[dict[str, object]]:
+        """Per layer: the arithmetic a run of `steps` steps uses, and the bounds behind it."""
+        if self.plans is None:
+            return [{"layer": layer.name, "path": "int64", "why": self.fallback} for layer in self.fixed.layers]
+        rows = []
+        for p in self.plans:
+            state, checked = p.state_dtype(steps)
+            rows.append(
+                {
+                    "layer": p.layer.name,
+                    "synapse": str(p.dtype).replace("torch.", ""),
+                    "membrane": str(state).replace("torch.", ""),
+                    "saturation_checks": checked,
+                    "kernel_max": p.bounds.kernel_max,
+                    "u_range": (p.bounds.u_low, p.bounds.u_high),
+                }
+            )
+        return rows
+
+    def batch_size(self, steps: int) -> int:
+        """A batch that keeps each (T, batch, population) tensor near BATCH_ELEMENTS elements."""
+        largest = max(max(layer.size, int(math.prod(layer.in_shape))) for layer in self.fixed.layers)
+        budget = BATCH_ELEMENTS.get(self.device.type, BATCH_ELEMENTS["cuda"])
+        return int(min(max(1, budget // (max(1, steps) * largest)), 4096))
+
+    @torch.inference_mode()
+    def run_encoded(self, x_u: np.ndarray, steps: int, keep_spikes: bool = False) -> Recording:
+        """Graded input spikes (B, *input_shape) -> a Recording in logical time."""
+        x = torch.as_tensor(np.asarray(x_u), device=self.device)
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > self.input_max):
+            raise ToolchainError(f"graded input outside 0..{self.input_max}: encode it with toolchain.quantize.encode_input")
+        with _threads(self.threads):
+            if self.plans is None:
+                return self._run_int64(x, steps, keep_spikes)
+            with _exact_kernels(self.device):
+                return self._run_fast(x, steps, keep_spikes)
+
+    # --------------------------------------------------------- fast path
+
+    def _synapse(self, p: _Plan, source: torch.Tensor) -> torch.Tensor:
+        """(L, B, *in_shape) payloads -> (L, B, *shape) kernel output y = S * 2**e (+ bias when folded)."""
+        layer = p.layer
+        steps, batch = source.shape[:2]
+        x = source.reshape((steps * batch, *source.shape[2:])).to(p.dtype)
+        if layer.pool != (1, 1):
+            x = _sum_pool(x, layer.pool)
+        if layer.synapse == "conv":
+            x = x.contiguous(memory_format=torch.channels_last)
+            top, left, bottom, right = layer.padding
+            if (top, left) == (bottom, right):
+                padding: tuple[int, int] = (top, left)
+            else:
+                x, padding = F.pad(x, (left, right, top, bottom)).contiguous(memory_format=torch.channels_last), (0, 0)
+            if _conv_backend(x, p.weight, p.kernel_bias, layer, padding) in EXACT_CONV_BACKENDS:
+                y = F.conv2d(x, p.weight, p.kernel_bias, layer.stride, padding, layer.dilation, layer.groups)
+            else:  # pragma: no cover - a backend that may not only multiply and add
+                y = _conv_by_gemm(x, p.weight, p.kernel_bias, layer, padding)
+            y = y.contiguous(memory_format=torch.channels_last)
+        else:
+            if x.dim() == 4:  # channels-last memory order, matching the weight's rows
+                x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            x = x.reshape(x.shape[0], -1)
+            y = torch.addmm(p.kernel_bias, x, p.weight) if p.kernel_bias is not None else x @ p.weight
+            if len(layer.shape) == 3:
+                c, h, w = layer.shape
+                y = y.view(-1, h, w, c).permute(0, 3, 1, 2)
+        return y.view((steps, batch, *layer.shape))
+
+    @staticmethod
+    def _finish(p: _Plan, y: torch.Tensor) -> torch.Tensor:
+        """Kernel output -> dendritic input u = floor(y + bias), in place."""
+        if p.bias is not None:
+            y.add_(p.bias)
+        if p.floor:
+            y.floor_()
+        return y
+
+    @staticmethod
+    def _saturate(v: torch.Tensor, overflow: list[int], t: int) -> None:
+        low, high = torch.aminmax(v)
+        if float(high) > V_MAX or float(low) < -V_MAX:
+            overflow[t] += int(((v > V_MAX) | (v < -V_MAX)).sum())
+            v.clamp_(-V_MAX, V_MAX)
+
+    def _if_fast(self, p: _Plan, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
+        """IF recurrence over T; returns float32 0/1 spikes (T, B, *shape) and overflows per step."""
+        state, checked = p.state_dtype(steps)
+        theta = float(p.layer.threshold)
+        batch = u.shape[1]
+        v = _empty((batch,), p.layer.shape, state, self.device).copy_(p.v0)
+        spikes = _empty((steps, batch), p.layer.shape, torch.float32, self.device)
+        overflow = [0] * steps
+        constant = u.shape[0] == 1
+        if constant:
+            self._finish(p, u[0])
+        for t in range(steps):
+            u_t = u[0] if constant else self._finish(p, u[t])
+            v.add_(u_t)
+            if checked:
+                self._saturate(v, overflow, t)
+            s_t = torch.ge(v, theta, out=spikes[t])
+            v.sub_(s_t, alpha=theta)
+        return spikes, np.asarray(overflow, np.int64)
+
+    def _readout_fast(self, p: _Plan, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
+        state, checked = p.state_dtype(steps)
+        u = self._finish(p, u).to(state)
+        overflow = [0] * steps
+        if not checked:  # every partial sum is an accumulator value, |acc| <= V_MAX: exact
+            acc = torch.cumsum(u.expand((steps, *u.shape[1:])), 0, dtype=state).add_(p.v0.to(state))
+            return acc.to(torch.int64), np.asarray(overflow, np.int64)
+        out = torch.empty((steps, *u.shape[1:]), dtype=torch.int64, device=self.device)
+        acc = p.v0.to(state).expand(u.shape[1:]).clone()
+        for t in range(steps):
+            acc += u[0 if u.shape[0] == 1 else t]
+            self._saturate(acc, overflow, t)
+            out[t] = acc
+        return out, np.asarray(overflow, np.int64)
+
+    def _run_fast(self, x: torch.Tensor, steps: int, keep_spikes: bool) -> Recording:
+        assert self.plans is not None
+        values: dict[str | None, torch.Tensor] = {None: x.unsqueeze(0)}
+        spikes: dict[str, np.ndarray] = {}
+        overflows: dict[str, np.ndarray] = {}
+        counts: dict[str, np.ndarray] = {}
+        neuron_counts: dict[str, np.ndarray] = {}
+        readout: torch.Tensor | None = None
+        batch = x.shape[0]
+        for index, p in enumerate(self.plans):
+            layer = p.layer
+            u = self._synapse(p, values[layer.source])
+            if self.last_use.get(layer.source) == index:
+                values.pop(layer.source, None)
+            if layer.kind == "if":
+                out, overflow = self._if_fast(p, u, steps)
+                del u
+                values[layer.name] = out
+                memory = _memory_order(out)  # (T, B, n) in memory order: fast reductions
+                # float32 sums of 0/1 are exact below 2**24
+                per_step = torch.float32 if batch * layer.size < 2**24 else torch.float64
+                counts[layer.name] = memory.sum((1, 2), dtype=per_step).to(torch.int64).cpu().numpy()
+                per_neuron = torch.float32 if batch * steps < 2**24 else torch.float64
+                totals = memory.sum((0, 1), dtype=per_neuron)[_memory_index(layer.shape, self.device)]
+                neuron_counts[layer.name] = totals.to(torch.int64).cpu().numpy()
+                if keep_spikes:
+                    spikes[layer.name] = np.ascontiguousarray(out.to(torch.bool).cpu().numpy())
+            else:
+                readout, overflow = self._readout_fast(p, u, steps)
+            overflows[layer.name] = overflow
+        assert readout is not None
+        return Recording(spikes, np.ascontiguousarray(readout.cpu().numpy()), overflows, counts, neuron_counts)
+
+    # --------------------------------------------------------- int64 path
 
     def _synapse_chunk(self, c: _Compiled, x: torch.Tensor) -> torch.Tensor:
         layer = c.layer
@@ -117,28 +558,19 @@ class Emulator:
                 y = F.conv2d(x, c.weight, None, layer.stride, 0, layer.dilation, layer.groups)
         else:
             y = x.flatten(1) @ c.weight.T
-        y = torch.round(y).to(c.state_dtype)
+        y = torch.round(y).to(torch.int64)
         if layer.weight_exp >= 0:
             return y << layer.weight_exp
         return y >> -layer.weight_exp
 
     def synapse(self, c: _Compiled, source: torch.Tensor) -> torch.Tensor:
-        """(L, B, *in_shape) payloads -> (L, B, *shape) dendritic input plus bias (integers)."""
+        """int64 path: (L, B, *in_shape) payloads -> (L, B, *shape) dendritic input plus bias (int64)."""
         steps, batch = source.shape[:2]
         flat = source.reshape((steps * batch, *source.shape[2:]))
         per_item = max(int(np.prod(c.layer.in_shape)), c.layer.size)
         chunk = max(1, CHUNK_ELEMENTS // per_item)
-        parts = [self._synapse_chunk(c, flat[i : i + chunk].to(c.weight.dtype)) for i in range(0, flat.shape[0], chunk)]
+        parts = [self._synapse_chunk(c, flat[i : i + chunk].to(torch.float64)) for i in range(0, flat.shape[0], chunk)]
         return torch.cat(parts).reshape((steps, batch, *c.layer.shape)).add_(c.bias)
-
-    # ---------------------------------------------------------------- neurons
-
-    @staticmethod
-    def _saturate(v: torch.Tensor, overflow: list[int], t: int) -> None:
-        low, high = torch.aminmax(v)
-        if int(high) > V_MAX or int(low) < -V_MAX:
-            overflow[t] += int(((v > V_MAX) | (v < -V_MAX)).sum())
-            v.clamp_(-V_MAX, V_MAX)
 
     @classmethod
     def _if_loop(cls, c: _Compiled, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -158,7 +590,7 @@ class Emulator:
     @classmethod
     def _readout_loop(cls, c: _Compiled, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
         batch = u.shape[1]
-        acc = c.v0.expand((batch, *c.v0.shape)).to(torch.int64).clone()
+        acc = c.v0.expand((batch, *c.v0.shape)).clone()
         out = torch.empty((steps, *acc.shape), dtype=torch.int64, device=acc.device)
         overflow = [0] * steps
         for t in range(steps):
@@ -167,12 +599,8 @@ class Emulator:
             out[t] = acc
         return out, np.asarray(overflow, np.int64)
 
-    # -------------------------------------------------------------------- run
-
-    @torch.inference_mode()
-    def run_encoded(self, x_u: np.ndarray, steps: int, keep_spikes: bool = False) -> Recording:
-        """Graded input spikes (B, *input_shape) -> a Recording in logical time."""
-        values: dict[str | None, torch.Tensor] = {None: torch.as_tensor(np.asarray(x_u), device=self.device).unsqueeze(0)}
+    def _run_int64(self, x: torch.Tensor, steps: int, keep_spikes: bool) -> Recording:
+        values: dict[str | None, torch.Tensor] = {None: x.unsqueeze(0)}
         spikes: dict[str, np.ndarray] = {}
         overflows: dict[str, np.ndarray] = {}
         counts: dict[str, torch.Tensor] = {}
@@ -208,9 +636,12 @@ class LoihiTarget:
 
     Options: `device` ("auto", "cpu", "cuda"); `fixed` (a pre-quantised FixedGraph, used instead of
     quantising the graph given to `prepare`); `on_overflow` ("raise" or "saturate": membrane overflow raises
-    a ToolchainError naming the layer, or is saturated and counted in `self.overflows`); `batch_size`;
-    and the keyword arguments of `toolchain.quantize.quantize` (threshold_bits, weight_bits, input_bits,
-    input_range, calibration, max_dense_weights).
+    a ToolchainError naming the layer, or is saturated and counted in `self.overflows`); `batch_size`
+    (None: sized per T to keep the activations cache-friendly, see `Emulator.batch_size`); `arithmetic`
+    ("auto": the fast float path where proven exact; "int64": the integer reference path; same bits);
+    `threads` (torch's CPU threads during a run, default 1; see `Emulator`); and the keyword arguments
+    of `toolchain.quantize.quantize` (threshold_bits, weight_bits, input_bits, input_range, calibration,
+    max_dense_weights).
     """
 
     name = "loihi"
@@ -220,16 +651,22 @@ class LoihiTarget:
         device: str = "auto",
         fixed: FixedGraph | None = None,
         on_overflow: str = "raise",
-        batch_size: int = 256,
+        batch_size: int | None = None,
+        arithmetic: str = "auto",
+        threads: int | None = 1,
         **options: object,
     ):
         if on_overflow not in ("raise", "saturate"):
             raise ToolchainError(f"on_overflow={on_overflow!r}: choose raise or saturate")
+        if arithmetic not in ARITHMETIC:
+            raise ToolchainError(f"arithmetic={arithmetic!r}: choose one of {', '.join(ARITHMETIC)}")
         self.device = resolve_device(device)
         self.fixed_option = fixed
         self.fixed = fixed
         self.on_overflow = on_overflow
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = None if batch_size is None else max(1, int(batch_size))
+        self.arithmetic = arithmetic
+        self.threads = threads
         self.quantize_options = {k: v for k, v in options.items() if k in QUANTIZE_OPTIONS and v is not None}
         self.emulator: Emulator | None = None
         self.overflows: dict[str, int] = {}
@@ -241,7 +678,7 @@ class LoihiTarget:
             self.fixed = self.fixed_option
         else:
             self.fixed = quantize(graph, **self.quantize_options)  # type: ignore[arg-type]
-        self.emulator = Emulator(self.fixed, self.device)
+        self.emulator = Emulator(self.fixed, self.device, self.arithmetic, self.threads)
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
 
     def record(self, x: np.ndarray, steps: int) -> Recording:
@@ -257,14 +694,16 @@ class LoihiTarget:
         spikes: dict[str, np.ndarray] = {}
         per_neuron: dict[str, np.ndarray] = {}
         readout_layer = self.fixed.layer(self.fixed.output)
-        for begin in range(0, len(x), self.batch_size):
-            recording = self.emulator.run_encoded(encode_input(self.fixed, x[begin : begin + self.batch_size]), steps)
-            self._check_overflow(recording.overflows)
-            readouts.append(recording.readout)
-            for name, count in recording.counts.items():
-                spikes[name] = spikes.get(name, 0) + count.astype(np.float64)
-            for name, count in recording.neuron_counts.items():
-                per_neuron[name] = per_neuron.get(name, 0) + count.astype(np.float64)
+        batch_size = self.batch_size or self.emulator.batch_size(steps)
+        with _threads(self.emulator.threads):  # once for all batches
+            for begin in range(0, len(x), batch_size):
+                recording = self.emulator.run_encoded(encode_input(self.fixed, x[begin : begin + batch_size]), steps)
+                self._check_overflow(recording.overflows)
+                readouts.append(recording.readout)
+                for name, count in recording.counts.items():
+                    spikes[name] = spikes.get(name, 0) + count.astype(np.float64)
+                for name, count in recording.neuron_counts.items():
+                    per_neuron[name] = per_neuron.get(name, 0) + count.astype(np.float64)
         readout = np.concatenate(readouts, axis=1).astype(np.float64) * _scale(readout_layer)
         out = SimOutput(readout=readout.astype(np.float32), spikes=spikes)
         out.neuron_spikes = per_neuron  # type: ignore[attr-defined]  # per-neuron totals, for exact SynOps
