@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"### SNN-ANN agreement: {args.model.stem}",
         "",
-        f"Full test split of `{args.data}` ({result.samples} samples), thresholds `{args.threshold}`, v0 = theta/2; "
+        f"Test split of `{args.data}`, {result.samples} samples, thresholds `{args.threshold}`, v0 = theta/2; "
         f"ANN accuracy {100 * result.ann_accuracy():.2f} %.",
         "",
         "| T | SNN accuracy | same class as the ANN |",

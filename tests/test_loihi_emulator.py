@@ -328,3 +328,22 @@ def test_int64_arithmetic_option_and_graded_input_range():
     target.prepare(snn)
     with pytest.raises(ToolchainError, match="graded input"):
         target.emulator.run_encoded(np.full((1, *snn.input_shape), 256, np.int32), 4)
+
+
+def test_global_torch_settings_are_restored_after_a_run():
+    snn = make_snn(0, "basic")
+    target = make_target(device="cpu", input_range=(0, 1), threads=1)
+    target.prepare(snn)
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    nnpack, mkldnn = torch.backends.nnpack.enabled, torch.backends.mkldnn.fp32_precision
+    torch.set_float32_matmul_precision("medium")  # would allow bf16 matmuls inside oneDNN
+    try:
+        reference = make_target(device="cpu", fixed=target.fixed, arithmetic="int64")
+        reference.prepare(snn)
+        x = make_inputs(snn, 3)
+        np.testing.assert_array_equal(target.run(x, 8).readout, reference.run(x, 8).readout)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert torch.get_num_threads() == threads
+    assert torch.backends.nnpack.enabled == nnpack and torch.backends.mkldnn.fp32_precision == mkldnn
