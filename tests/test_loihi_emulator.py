@@ -335,7 +335,7 @@ def test_global_torch_settings_are_restored_after_a_run():
     target = make_target(device="cpu", input_range=(0, 1), threads=1)
     target.prepare(snn)
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    nnpack, mkldnn = torch.backends.nnpack.enabled, torch.backends.mkldnn.fp32_precision
+    nnpack, mkldnn = torch._C._get_nnpack_enabled(), torch.backends.mkldnn.fp32_precision
     torch.set_float32_matmul_precision("medium")  # would allow bf16 matmuls inside oneDNN
     try:
         reference = make_target(device="cpu", fixed=target.fixed, arithmetic="int64")
@@ -346,4 +346,4 @@ def test_global_torch_settings_are_restored_after_a_run():
     finally:
         torch.set_float32_matmul_precision(precision)
     assert torch.get_num_threads() == threads
-    assert torch.backends.nnpack.enabled == nnpack and torch.backends.mkldnn.fp32_precision == mkldnn
+    assert torch._C._get_nnpack_enabled() == nnpack and torch.backends.mkldnn.fp32_precision == mkldnn
