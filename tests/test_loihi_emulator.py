@@ -337,12 +337,14 @@ def test_global_torch_settings_are_restored_after_a_run():
     threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     nnpack, mkldnn = torch._C._get_nnpack_enabled(), torch.backends.mkldnn.fp32_precision
     torch.set_float32_matmul_precision("medium")  # would allow bf16 matmuls inside oneDNN
+    matmul, conv = torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision
     try:
         reference = make_target(device="cpu", fixed=target.fixed, arithmetic="int64")
         reference.prepare(snn)
         x = make_inputs(snn, 3)
         np.testing.assert_array_equal(target.run(x, 8).readout, reference.run(x, 8).readout)
         assert torch.get_float32_matmul_precision() == "medium"
+        assert (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision) == (matmul, conv)
     finally:
         torch.set_float32_matmul_precision(precision)
     assert torch.get_num_threads() == threads

@@ -170,11 +170,18 @@ def _membrane_fits(layer: FixedLayer, b: _Bounds, steps: int) -> bool:
 def _exact_kernels(device: torch.device) -> Iterator[None]:
     """Float kernels that only multiply and add, at full float32 precision."""
     precision = torch.get_float32_matmul_precision()
+    per_op = {}  # oneDNN's per-op precision overrides the backend's
+    for op in ("conv", "matmul"):
+        settings = getattr(torch.backends.mkldnn, op, None)
+        if hasattr(settings, "fp32_precision"):
+            per_op[op] = settings.fp32_precision
+    torch.set_float32_matmul_precision("highest")
     try:
         mkldnn = torch.backends.mkldnn.set_flags(None, None, None, "ieee")
     except TypeError:  # pragma: no cover - a torch without oneDNN fp32_precision (nor its bf16/tf32 modes)
         mkldnn = None
-    torch.set_float32_matmul_precision("highest")
+    for op in per_op:
+        getattr(torch.backends.mkldnn, op).fp32_precision = "ieee"
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.backends.nnpack.flags(enabled=False))
@@ -185,6 +192,8 @@ def _exact_kernels(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
         if mkldnn is not None:
             torch.backends.mkldnn.set_flags(None, None, None, mkldnn[3])
+        for op, value in per_op.items():
+            getattr(torch.backends.mkldnn, op).fp32_precision = value
 
 
 @contextlib.contextmanager
