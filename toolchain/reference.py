@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ class OnnxReference:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # The ANN runs beside the SNN simulation: no busy-waiting threads competing with it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
