@@ -513,8 +513,12 @@ def _chromium() -> str:
         if found:
             return found
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                        ["apt-get", "install", "-y", "-q", "chromium"]):  # a fresh machine has no package lists yet
+            subprocess.run(command, capture_output=True, timeout=600, env=env)
+            if shutil.which("chromium"):
+                break
         found = shutil.which("chromium")
         if found:
             return found
