@@ -736,3 +736,13 @@ def load_fixed(directory: str | Path) -> FixedGraph:
         v_bits=document.get("v_bits", V_BITS),
         meta=document.get("meta", {}),
     )
+
+
+def as_fixed(graph: ir.Graph | FixedGraph, preset: FixedGraph | None, options: dict[str, Any]) -> FixedGraph:
+    """What a fixed-point target runs: the graph itself if already fixed point, else a
+    network quantised at build time (`preset`), else `graph` quantised now with `options`."""
+    if isinstance(graph, FixedGraph):
+        return graph
+    if preset is not None:
+        return preset
+    return quantize(graph, **options)

@@ -35,7 +35,7 @@ from targets.base import SimOutput
 from targets.loihi.emulator import QUANTIZE_OPTIONS, LoihiTarget, Recording
 from toolchain import ir
 from toolchain.errors import ToolchainError
-from toolchain.quantize import FixedGraph, FixedLayer, encode_input, quantize
+from toolchain.quantize import FixedGraph, FixedLayer, as_fixed, encode_input, quantize
 
 TAGS = ("fixed_pt", "floating_pt")
 
@@ -147,12 +147,7 @@ class LavaTarget:
     # ----------------------------------------------------------------- build
 
     def prepare(self, graph: ir.Graph | FixedGraph) -> None:
-        if isinstance(graph, FixedGraph):
-            self.fixed = graph
-        elif self.fixed_option is not None:
-            self.fixed = self.fixed_option
-        else:
-            self.fixed = quantize(graph, **self.quantize_options)  # type: ignore[arg-type]
+        self.fixed = as_fixed(graph, self.fixed_option, self.quantize_options)
         self.close()
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
 

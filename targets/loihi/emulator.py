@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from targets.base import SimOutput
 from toolchain import ir
 from toolchain.errors import ToolchainError
-from toolchain.quantize import V_MAX, FixedGraph, FixedLayer, encode_input, quantize
+from toolchain.quantize import V_MAX, FixedGraph, FixedLayer, as_fixed, encode_input
 
 QUANTIZE_OPTIONS = ("threshold_bits", "weight_bits", "input_bits", "input_range", "calibration", "max_dense_weights")
 ARITHMETIC = ("auto", "int64")
@@ -681,12 +681,7 @@ class LoihiTarget:
         self.overflows: dict[str, int] = {}
 
     def prepare(self, graph: ir.Graph | FixedGraph) -> None:
-        if isinstance(graph, FixedGraph):
-            self.fixed = graph
-        elif self.fixed_option is not None:
-            self.fixed = self.fixed_option
-        else:
-            self.fixed = quantize(graph, **self.quantize_options)  # type: ignore[arg-type]
+        self.fixed = as_fixed(graph, self.fixed_option, self.quantize_options)
         self.emulator = Emulator(self.fixed, self.device, self.arithmetic, self.threads)
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
 
