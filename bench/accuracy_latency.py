@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     steps = result["steps"]
     lines = [
-        f"### {Path(result['model']).stem}" + (" (max pooling replaced by average pooling)" if result["maxpool"] == "avg" else ""),
+        f"### {Path(result['model']).stem}"
+        + (" (max pooling replaced by average pooling)" if result["maxpool"] == "avg" else ""),
         "",
         f"Model `{result['model']}`, data `{result['data']}`; ANN accuracy (onnxruntime) "
         f"**{100 * result['ann_accuracy']:.2f} %** on all {result['test_samples']} test samples. "
