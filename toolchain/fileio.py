@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,12 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import ToolchainError
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def atomic_directory(target: Path, files: dict[str, bytes]) -> Path:
@@ -28,6 +35,7 @@ def atomic_directory(target: Path, files: dict[str, bytes]) -> Path:
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is for sharing
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -43,6 +51,7 @@ def atomic_file(target: Path, data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         tmp.write(data)
+    Path(tmp.name).chmod(0o666 & ~_umask())  # NamedTemporaryFile makes it private
     Path(tmp.name).replace(target)
     return target
 
