@@ -121,3 +121,9 @@ def test_wrong_input_shape_is_named(artifact, tmp_path):
 def test_thresholds_from_data_need_calibration_data(tmp_path):
     assert_clean_failure(toolchain("build", DEFAULT_MODEL, "--threshold", "max", "-o", tmp_path / "o"), "--calib")
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_test_data_path_leaves_no_artifact(tmp_path):
+    out = tmp_path / "o"
+    assert_clean_failure(toolchain("build", DEFAULT_MODEL, "--data", tmp_path / "nowhere", "-o", out), "nowhere")
+    assert not out.exists()

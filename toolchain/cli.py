@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from toolchain.build import BuildOptions, build_snn, write_artifact
+    from toolchain.data import load_dataset
 
     options = BuildOptions(
         model=args.model,
@@ -129,6 +130,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
     if args.target == "lava":
         import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
+    # Read the test data before anything is written: a bad --data path must leave no artifact behind.
+    test = load_dataset(args.data, "test") if args.data is not None else None
     result = build_snn(options)
     extra_files: dict[str, bytes] = {}
     fixed = None
@@ -154,19 +157,17 @@ def cmd_build(args: argparse.Namespace) -> int:
             )
     if args.data is None:
         return 0
-    return _check_build(args, out, result, fixed)
+    return _check_build(args, out, result, fixed, test)
 
 
-def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any) -> int:
+def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, test: Any) -> int:
     """After a build with --data: accuracy at T beside the ANN, Lava validation, report."""
     from targets.base import open_target
-    from toolchain.data import load_dataset
     from toolchain.evaluate import evaluate
     from toolchain.reference import OnnxReference
     from toolchain.report import SpikeMapRecorder
 
     graph = result.snn
-    test = load_dataset(args.data, "test")
     steps = sorted({1, 2, 4, 8, 16, args.steps} - {t for t in (1, 2, 4, 8, 16) if t > args.steps})
     ann = OnnxReference(out / "ann.onnx")
     runs, recorders = {}, {}
