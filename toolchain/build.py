@@ -78,7 +78,7 @@ def load_ann(options: BuildOptions) -> ir.Graph:
 
 def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int) -> list[np.ndarray]:
     check_input_shape(data, ann.input_shape, str(ann.meta.get("source", "the model")))
-    return [ann.preprocess.apply(x).reshape((len(x), *ann.input_shape)) for x, _ in data.batches(batch_size)]
+    return [ann.network_input(x) for x, _ in data.batches(batch_size)]
 
 
 def build_snn(options: BuildOptions) -> BuildResult:

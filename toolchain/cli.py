@@ -186,7 +186,7 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
     if args.validate:
         from targets.lava.runner import validate
 
-        x = graph.preprocess.apply(test.x[: args.validate]).reshape((-1, *graph.input_shape))
+        x = graph.network_input(test.x[: args.validate])
         check = validate(fixed, x, args.steps)
         print(f"lava validation: {check.summary()}")
         print(f"  lava {check.lava_seconds_per_sample:.2f} s/sample (start-up {check.lava_startup_seconds:.1f} s), "

@@ -207,6 +207,10 @@ class Graph:
     def is_snn(self) -> bool:
         return any(isinstance(n, IFNeuron) for n in self.nodes)
 
+    def network_input(self, raw: np.ndarray) -> np.ndarray:
+        """Raw samples (N, ...) -> the preprocessed batch the network takes, (N, *input_shape)."""
+        return self.preprocess.apply(raw).reshape((len(raw), *self.input_shape))
+
     def node(self, name: str) -> Node:
         for n in self.nodes:
             if n.name == name:

@@ -35,7 +35,7 @@ from targets.base import SimOutput
 from targets.loihi.emulator import QUANTIZE_OPTIONS, LoihiTarget, Recording
 from toolchain import ir
 from toolchain.errors import ToolchainError
-from toolchain.quantize import FixedGraph, FixedLayer, as_fixed, encode_input, quantize
+from toolchain.quantize import FixedGraph, FixedLayer, as_fixed, encode_input
 
 TAGS = ("fixed_pt", "floating_pt")
 
@@ -377,7 +377,7 @@ class ValidationReport:
 def validate(graph: ir.Graph | FixedGraph, x_batch: np.ndarray, steps: int, **options: object) -> ValidationReport:
     """Run the samples through Lava (fixed_pt) and the emulator; compare every IF layer's spikes at
     every step and the readout accumulators. `options` go to `quantize` (when `graph` is a float SNN)."""
-    fixed = graph if isinstance(graph, FixedGraph) else quantize(graph, **options)  # type: ignore[arg-type]
+    fixed = as_fixed(graph, None, options)
     emulator = LoihiTarget(device="cpu", fixed=fixed, on_overflow="saturate")
     emulator.prepare(fixed)
     started = time.perf_counter()
