@@ -24,13 +24,11 @@ Writes bench/results/lava_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
 
 from targets.loihi.emulator import make_target as emulator_target  # noqa: E402
 from targets.torch.simulator import make_target as torch_target  # noqa: E402
@@ -123,7 +123,7 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace, be
     snn = build_snn(BuildOptions(model=model, device="cpu")).snn
     fixed = quantize(snn)
     test = load_dataset(data, "test").subset(args.limit)
-    x = snn.preprocess.apply(test.x).reshape((len(test), *snn.input_shape)).astype(np.float32)
+    x = snn.network_input(test.x).astype(np.float32)
     labels = np.asarray(test.y)
     result: dict[str, Any] = {"model": str(model.relative_to(ROOT)), "data": test.source, "samples": len(test), "steps": steps}
 
@@ -227,24 +227,12 @@ def machine() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    cpu = platform.processor() or "unknown"
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **describe_machine(),
         "numpy": np.__version__,
         "lava-nc": version("lava-nc"),
         "torch_threads_float_simulator": torch.get_num_threads(),
         "emulator_threads": 1,
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
 

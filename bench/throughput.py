@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -57,6 +55,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
 
 from targets.torch.reference import simulate  # noqa: E402
 from targets.torch.simulator import TorchTarget, fp32_mode, run_ann  # noqa: E402
@@ -484,31 +484,15 @@ def compile_check(snn: ir.Graph, device: torch.device, x: np.ndarray) -> dict[st
 
 def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **describe_machine(),
         "spikingjelly": sj_version(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
         "device": str(device),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(results: dict[str, Any]) -> str:
