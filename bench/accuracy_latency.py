@@ -61,10 +61,10 @@ def run(args: argparse.Namespace) -> dict:
             target.prepare(built.snn)
             subsets = [test]
             if args.other_limit and args.other_limit < len(test):
-                # The other methods run on a prefix of the test set; the headline runs on both,
+                # The other methods run on a prefix of the test set; the --full ones run on both,
                 # so that every comparison between rows is on the same samples.
                 prefix = test.subset(args.other_limit)
-                subsets = [test, prefix] if (threshold, v0) == args.headline else [prefix]
+                subsets = [test, prefix] if f"{threshold}/{v0}" in args.full else [prefix]
             for data in subsets:
                 result = evaluate(target, data, built.snn.preprocess, built.snn.input_shape, steps, args.batch_size,
                                   reference, progress=None, label=f"{threshold}/{v0}")
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> dict:
         "ann_accuracy": ann_accuracy,
         "steps": steps,
         "maxpool": args.maxpool,
+        "v0_steps": args.v0_steps,
+        "calib_size": args.calib_size,
         "rows": rows,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "device": str(resolve_device(args.device)),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -106,7 +108,9 @@ def markdown(result: dict) -> str:
         f"Model `{result['model']}`, data `{result['data']}`; ANN accuracy (onnxruntime) "
         f"**{100 * result['ann_accuracy']:.2f} %** on all {result['test_samples']} test samples. "
         "SNN accuracy (%) at T time steps, with the ANN's accuracy on the same samples beside it; "
-        f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}.",
+        f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}. "
+        f"Thresholds and v0 `optimal` (fitted at T={result.get('v0_steps', 8)}) come from "
+        f"{result.get('calib_size', 1000)} training images.",
         "",
         "| threshold | v0 | samples | ANN | " + " | ".join(f"T={t}" for t in steps) + " |",
         "|---|---|---|---|" + "---|" * len(steps),
@@ -128,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="test samples for the headline method (default: all)")
     parser.add_argument("--other-limit", type=int, help="test samples for the other methods (default: same as --limit)")
     parser.add_argument("--methods", nargs="*", help="only these, e.g. ceiling/half max/zero")
+    parser.add_argument(
+        "--full", nargs="*",
+        help="methods also run on the whole test set with --other-limit (default: ceiling/half and ceiling/optimal, "
+        "or p99.99/half and p99.99/optimal for a model without ceilings)",
+    )
     parser.add_argument("--maxpool", default="spiking")
     parser.add_argument("--v0-T", dest="v0_steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    args.headline = ("ceiling", "half")
     try:
-        if not any(n.ceiling is not None for n in activations(load_onnx(args.model))):
-            args.headline = ("p99.99", "half")
+        if args.full is None:
+            source = "ceiling" if any(n.ceiling is not None for n in activations(load_onnx(args.model))) else "p99.99"
+            args.full = [f"{source}/half", f"{source}/optimal"]
         result = run(args)
     except ToolchainError as error:
         print(f"error: {error}", file=sys.stderr)

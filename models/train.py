@@ -52,7 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="base channel count (vgg_small only; default 32)")
     parser.add_argument("--act", default="clip", choices=ACTIVATIONS)
     parser.add_argument("--levels", type=int, default=8, help="QCFS quantisation levels L (with --act qcfs)")
-    parser.add_argument("--lam-init", type=float, default=8.0, help="initial activation ceiling lambda")
+    parser.add_argument(
+        "--lam-init",
+        type=float,
+        default=8.0,
+        help="initial activation ceiling lambda (after batch norm, a tight start such as 2 gives the tight "
+        "ceilings that convert well at low T; weight decay alone moves a loose one slowly)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
@@ -335,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset,
         "act": args.act,
         "levels": levels,
+        "lam_init": args.lam_init,
         "epochs": epochs,
         "seed": args.seed,
         "test_accuracy": round(test_acc, 6),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from targets.torch.simulator import TorchExecutor, make_target, run_ann
-from tests.conftest import make_ann
+from tests.conftest import ROOT, make_ann, shared_data
 from toolchain import ir
 from toolchain.calibrate import ThresholdSpec, compute_thresholds, optimise_v0
 from toolchain.convert import ConversionOptions, ann_view, convert, replace_maxpool
@@ -109,3 +109,29 @@ def test_optimal_v0_is_no_worse_than_half_on_its_own_data(inputs):
     err_half = np.mean((_snn_output(half, inputs, steps) - expected) ** 2)
     err_optimal = np.mean((_snn_output(optimal, inputs, steps) - expected) ** 2)
     assert err_optimal <= err_half * 1.05
+
+
+def test_optimal_v0_closes_most_of_the_low_T_gap_on_a_real_model():
+    """Fashion-MNIST VGG-style model with trained ceilings, real images: the fitted potentials
+    (per channel, inside [0, theta]) beat theta/2 at the T they were fitted for."""
+    from toolchain.build import BuildOptions, build_snn
+    from toolchain.data import load_dataset
+    from toolchain.reference import OnnxReference
+
+    data = shared_data("fashion-mnist")
+    model = ROOT / "models" / "zoo" / "fmnist_vgg_clip.onnx"
+    steps = 8
+    test = load_dataset(data, "test").subset(1000)
+    options = {"model": model, "calib": data, "calib_size": 512, "v0_steps": steps, "device": "cpu"}
+    half = build_snn(BuildOptions(**options, v0="half")).snn
+    optimal = build_snn(BuildOptions(**options, v0="optimal")).snn
+    for node in optimal.nodes:
+        if isinstance(node, ir.IFNeuron):
+            assert node.v0.shape == (node.shape[0],)  # one potential per channel
+            assert np.all(node.v0 >= 0) and np.all(node.v0 <= node.threshold)
+    x = half.network_input(test.x)
+    accuracy = {"ann": float(np.mean(OnnxReference(model)(x).argmax(-1) == test.y))}
+    for name, snn in (("half", half), ("optimal", optimal)):
+        accuracy[name] = float(np.mean(_snn_output(snn, x, steps).argmax(-1) == test.y))
+    assert accuracy["optimal"] > accuracy["half"] + 0.01, accuracy
+    assert accuracy["optimal"] > accuracy["ann"] - 0.025, accuracy

@@ -96,7 +96,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
     chosen: dict[str, float] = {}
     if options.v0 == "optimal":
         assert batches is not None
-        x = np.concatenate(batches)[:256]
+        x = np.concatenate(batches)[:512]
         chosen = optimise_v0(snn, ann, x, options.v0_steps, options.device)
     snn.meta["conversion"].update(
         {"threshold": spec.describe(), "per_channel": spec.per_channel, "v0_fraction": chosen, "v0_steps": options.v0_steps}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from targets.torch.simulator import OPS, CompiledNode, TorchExecutor
+from targets.torch.simulator import OPS, CompiledNode, TorchExecutor, channel_view
 from toolchain import ir
 from toolchain.errors import ToolchainError
 
@@ -166,12 +166,23 @@ def _percentile_thresholds(
 # ---------------------------------------------------------------- initial potential
 
 
-def optimise_v0(snn: ir.Graph, ann: ir.Graph, x: np.ndarray, steps: int, device: str = "auto") -> dict[str, float]:
-    """Per IF layer, the fraction of theta for v0 that minimises the SNN-vs-ANN error at `steps`.
+def optimise_v0(
+    snn: ir.Graph, ann: ir.Graph, x: np.ndarray, steps: int, device: str = "auto", rounds: int = 2
+) -> dict[str, float]:
+    """Initial potentials fitted to the ANN at `steps` time steps, layer by layer.
 
-    Layers are set greedily in order: each layer's search sees the spikes of the layers
-    before it with their chosen v0, so errors that accumulate through depth are accounted for.
-    Returns node name -> chosen fraction; the graph's IFNeuron nodes are updated in place.
+    For each IF layer, in order (each sees the spikes of the layers before it with their
+    chosen v0, so errors that accumulate through depth are accounted for):
+
+    1. the one fraction of theta (grid 0, 0.05, ..., 1) that minimises the mean squared
+       gap between the SNN's output per step (rate x theta) and the ANN's activation;
+    2. a per-channel correction of that gap's mean, `rounds` times: raising v0 by d raises a
+       channel's spike count by about d / theta, so its mean output over `steps` steps by
+       d / steps; v0 moves by steps x (ANN mean - SNN mean), kept within [0, theta].
+       (Li et al., ICML 2021, correct the same bias through the layer's bias instead.)
+
+    The graph's IFNeuron nodes are updated in place. Returns node name -> the mean of the
+    chosen v0 / theta over the layer's channels.
     """
     ann_values: dict[str, torch.Tensor] = {}
     ann_exec = TorchExecutor(ann, device)
@@ -191,11 +202,43 @@ def optimise_v0(snn: ir.Graph, ann: ir.Graph, x: np.ndarray, steps: int, device:
             node = compiled.node
             args = [values[name] for name in node.inputs]
             if isinstance(node, ir.IFNeuron) and node.name in ann_values:
-                chosen[node.name] = _search_fraction(compiled, args, steps, ann_values[node.name])
-                node.v0 = (np.asarray(node.threshold, np.float32) * chosen[node.name]).astype(np.float32)
-                compiled.tensors["v0"] = torch.as_tensor(node.v0, device=snn_exec.device)
+                theta = compiled.tensors["threshold"]
+                target = torch.minimum(ann_values[node.name], channel_view(theta, ann_values[node.name].ndim))
+                fraction = _search_fraction(compiled, args, steps, target)
+                v0 = _correct_channel_means(compiled, args, steps, target, theta * fraction, rounds)
+                node.v0 = v0.cpu().numpy().astype(np.float32)
+                chosen[node.name] = float(np.mean(node.v0 / np.broadcast_to(node.threshold, node.v0.shape)))
             values[node.name] = OPS[node.op](compiled, args, steps)
     return chosen
+
+
+def _search_fraction(compiled: CompiledNode, args: list[torch.Tensor], steps: int, target: torch.Tensor) -> float:
+    theta = compiled.tensors["threshold"]
+    best, best_error = 0.5, math.inf
+    for fraction in V0_GRID:
+        compiled.tensors["v0"] = theta * float(fraction)
+        rate = OPS["if"](compiled, args, steps).mean(dim=0)
+        error = float(torch.mean((rate - target) ** 2))
+        if error < best_error - 1e-12:
+            best, best_error = float(fraction), error
+    return best
+
+
+def _correct_channel_means(
+    compiled: CompiledNode, args: list[torch.Tensor], steps: int, target: torch.Tensor, v0: torch.Tensor, rounds: int
+) -> torch.Tensor:
+    """Per-channel v0 (C,) after `rounds` mean corrections; left in `compiled.tensors["v0"]`."""
+    channels = target.shape[1]
+    theta = compiled.tensors["threshold"].expand(channels)
+    v0 = v0.expand(channels).clone()
+    other_dims = [0] + list(range(2, target.ndim))
+    target_mean = target.mean(dim=other_dims)
+    compiled.tensors["v0"] = v0
+    for _ in range(rounds):
+        rate_mean = OPS["if"](compiled, args, steps).mean(dim=0).mean(dim=other_dims)
+        v0 = torch.minimum(torch.clamp(v0 + steps * (target_mean - rate_mean), min=0.0), theta)
+        compiled.tensors["v0"] = v0
+    return v0
 
 
 def _search_fraction(compiled: CompiledNode, args: list[torch.Tensor], steps: int, target: torch.Tensor) -> float:
