@@ -239,16 +239,3 @@ def _correct_channel_means(
         v0 = torch.minimum(torch.clamp(v0 + steps * (target_mean - rate_mean), min=0.0), theta)
         compiled.tensors["v0"] = v0
     return v0
-
-
-def _search_fraction(compiled: CompiledNode, args: list[torch.Tensor], steps: int, target: torch.Tensor) -> float:
-    theta = compiled.tensors["threshold"]
-    target = torch.minimum(target, theta.reshape((-1,) + (1,) * (target.ndim - 2)) if theta.numel() > 1 else theta)
-    best, best_error = 0.5, math.inf
-    for fraction in V0_GRID:
-        compiled.tensors["v0"] = theta * float(fraction)
-        rate = OPS["if"](compiled, args, steps).mean(dim=0)
-        error = float(torch.mean((rate - target) ** 2))
-        if error < best_error - 1e-12:
-            best, best_error = float(fraction), error
-    return best
