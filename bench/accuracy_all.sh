@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The accuracy-latency tables in the README, one bench/accuracy_latency.py run per model
+# (CPU; about 15 minutes each on one loaded core). Pass model names to run only those.
+#
+#   bash bench/accuracy_all.sh [mnist_cnn_default fmnist_cnn_clip fmnist_vgg_clip qcfs_fmnist_vgg_qcfs8 thirdparty ...]
+#
+# Environment: PYTHON (default .venv/bin/python), DATA (default ../shared/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+DATA="${DATA:-../shared/data}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # busy cores: one thread each is much faster
+bench() { "$PYTHON" bench/accuracy_latency.py "$@"; }
+
+run() {
+    case "$1" in
+    mnist_cnn_default)
+        bench --model models/mnist_cnn.onnx --data "$DATA/mnist" --out bench/results/mnist_cnn_default \
+            --other-limit 2000 --methods ceiling/zero ceiling/half ceiling/optimal ;;
+    fmnist_cnn_clip | fmnist_vgg_clip)
+        bench --model "models/zoo/$1.onnx" --data "$DATA/fashion-mnist" --out "bench/results/$1" --other-limit 2000 ;;
+    qcfs_fmnist_vgg_qcfs8)
+        bench --model models/zoo/fmnist_vgg_qcfs8.onnx --data "$DATA/fashion-mnist" \
+            --out bench/results/qcfs_fmnist_vgg_qcfs8 --other-limit 2000 \
+            --methods ceiling/zero ceiling/half ceiling/optimal ;;
+    thirdparty)
+        bench --model models/zoo/thirdparty_lenet_relu_maxpool_fmnist.onnx --data "$DATA/fashion-mnist" \
+            --out bench/results/thirdparty_lenet_relu_maxpool --other-limit 1000 ;;
+    thirdparty_avgpool)
+        bench --model models/zoo/thirdparty_lenet_relu_maxpool_fmnist.onnx --data "$DATA/fashion-mnist" \
+            --out bench/results/thirdparty_lenet_avgpool_replaced --maxpool avg --methods p99.99/half ;;
+    *) echo "unknown model $1" >&2; exit 2 ;;
+    esac
+}
+
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(mnist_cnn_default fmnist_cnn_clip fmnist_vgg_clip qcfs_fmnist_vgg_qcfs8 thirdparty thirdparty_avgpool)
+for model in "${models[@]}"; do
+    run "$model"
+done
+"$PYTHON" bench/readme_tables.py
