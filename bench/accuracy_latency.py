@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from targets.base import get_target  # noqa: E402
 from targets.torch.simulator import resolve_device  # noqa: E402
-from toolchain.build import BuildOptions, build_snn  # noqa: E402
+from toolchain.build import V0_SAMPLES, BuildOptions, build_snn  # noqa: E402
 from toolchain.calibrate import activations  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
 from toolchain.errors import ToolchainError  # noqa: E402
@@ -109,8 +109,8 @@ def markdown(result: dict) -> str:
         f"**{100 * result['ann_accuracy']:.2f} %** on all {result['test_samples']} test samples. "
         "SNN accuracy (%) at T time steps, with the ANN's accuracy on the same samples beside it; "
         f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}. "
-        f"Thresholds and v0 `optimal` (fitted at T={result.get('v0_steps', 8)}) come from "
-        f"{result.get('calib_size', 1000)} training images.",
+        f"Thresholds come from {result.get('calib_size', 1000)} training images; v0 `optimal` is fitted at "
+        f"T={result.get('v0_steps', 8)} on the first {min(V0_SAMPLES, result.get('calib_size', 1000))} of them.",
         "",
         "| threshold | v0 | samples | ANN | " + " | ".join(f"T={t}" for t in steps) + " |",
         "|---|---|---|---|" + "---|" * len(steps),
