@@ -102,7 +102,7 @@ def _param(array: np.ndarray | None, device: torch.device, dtype: torch.dtype) -
     return None if array is None else torch.as_tensor(np.asarray(array), dtype=dtype, device=device)
 
 
-def _channel_view(values: torch.Tensor, ndim: int) -> torch.Tensor:
+def channel_view(values: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel (or scalar) vector shaped to broadcast over (B, C, ...)."""
     if values.numel() == 1:
         return values.reshape(())
@@ -275,11 +275,11 @@ def _if_scan_eager(
     x: torch.Tensor, threshold: torch.Tensor, v0: torch.Tensor, steps: int, counts: torch.Tensor | None
 ) -> torch.Tensor:
     ndim = x.ndim - 1
-    theta = _channel_view(threshold, ndim)
+    theta = channel_view(threshold, ndim)
     constant = x.shape[0] == 1
     out = _empty_steps(x, steps)
     # v = v0 + x[0] is the first step's v = (0 + v0) + x[0]; float32 whatever the input precision.
-    v = x[0].to(torch.float32) + _channel_view(v0, ndim)
+    v = x[0].to(torch.float32) + channel_view(v0, ndim)
     staging = None if out.dtype == torch.float32 else torch.empty_like(v)
     # Spikes per step are summed as floats (much faster than count_nonzero on CPU), exact while
     # the partial sums stay below 2**24; above that, in float64.
@@ -330,14 +330,14 @@ def _if_scan_compiled(
     if _compile_failed:
         return None
     ndim = x.ndim - 1
-    theta = _channel_view(threshold, ndim)
+    theta = channel_view(threshold, ndim)
     try:
         if _compiled_scan is None:
             # One specialisation per layer shape and T: allow more than dynamo's default few.
             limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
             _compiled_scan = torch.compile(_scan_steps, dynamic=False)
-        v = x[0].to(torch.float32) + _channel_view(v0, ndim)
+        v = x[0].to(torch.float32) + channel_view(v0, ndim)
         out, step_counts = _compiled_scan(x, theta, v, steps)
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: use the eager scan
         _compile_failed = True
@@ -452,7 +452,7 @@ def _concat(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tens
 def _affine(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
     x = args[0]
     ndim = x.ndim - 1
-    return x * _channel_view(c.tensors["scale"], ndim) + _channel_view(c.tensors["shift"], ndim)
+    return x * channel_view(c.tensors["scale"], ndim) + channel_view(c.tensors["shift"], ndim)
 
 
 def _relu(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor:
@@ -461,7 +461,7 @@ def _relu(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.Tensor
     ceiling = c.tensors.get("ceiling")
     if ceiling is None:
         return torch.relu(x)
-    top = _channel_view(ceiling, x.ndim - 1)
+    top = channel_view(ceiling, x.ndim - 1)
     if n.levels > 0:
         return top * torch.clamp(torch.floor(x * n.levels / top + 0.5) / n.levels, 0, 1)
     return torch.minimum(torch.relu(x), top)
