@@ -40,8 +40,7 @@ PY
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 
 stamp "training vgg16 (clip) on CIFAR-10: at most $EPOCHS epochs within ${TRAIN_SECONDS}s"
-# ceilings start at 2 (after batch norm activations are of order 1): see models/zoo/README.md
-"$PYTHON" -m models.train --arch vgg16 --dataset cifar10 --data "$DATA" --act clip --lam-init 2 \
+"$PYTHON" -m models.train --arch vgg16 --dataset cifar10 --data "$DATA" --act clip \
     --epochs "$EPOCHS" --time-budget "$TRAIN_SECONDS" --batch-size 256 --optimizer sgd --lr 0.1 \
     --weight-decay 5e-4 --device cuda --threads 8 --seed 0 --out "$RUN"
 stamp "training done"
