@@ -574,13 +574,12 @@ CPU_READING = [
     "  first layer once instead of T times (10 % of the small CNN's multiply-adds, 0.6 % of VGG-16's) and",
     "  otherwise saves per-step overhead: T x (modules + neuron ops) Python and kernel calls, a scaler",
     "  multiply on each side of every neuron, allocations. That overhead dominates at small batch sizes and",
-    "  in small models (2-5x here); VGG-16 at B >= 16 is bound by the convolutions themselves on one core",
-    "  (1.1-1.3x). Skipping silent work would need sparsity the dense kernels cannot use (7-20 % firing here).",
+    "  in small models (see the batch sweep); VGG-16 at B >= 16 is bound by the convolutions themselves,",
+    "  the same work on both sides. Skipping silent work would need sparsity the dense kernels cannot use.",
     "- Ours holds T x chunk images per layer (chunk chosen against a memory budget and a 24 MB working set",
     "  per layer stack), SpikingJelly one step of B images: hence its lower peak memory.",
-    "- Shared 2-core machine: other jobs kept the load average at 5-7 during these runs, so both sides",
-    "  were timed interleaved on one thread (two threads spin against the other jobs). Earlier runs in the",
-    "  same session gave 1.7-2.4x for the small CNN at B=64 and 1.1-1.2x for VGG-16 at B=16.",
+    "- Both sides are timed interleaved, on the thread count above, so that a shared machine's other jobs",
+    "  (see the load average) slow both alike; on a loaded machine two OpenMP threads spin against them.",
 ]
 
 
