@@ -575,7 +575,7 @@ CPU_READING = [
     "  otherwise saves per-step overhead: T x (modules + neuron ops) Python and kernel calls, a scaler",
     "  multiply on each side of every neuron, allocations. That overhead dominates at small batch sizes and",
     "  in small models (see the batch sweep); VGG-16 at B >= 16 is bound by the convolutions themselves,",
-    "  the same work on both sides. Skipping silent work would need sparsity the dense kernels cannot use.",
+    "  the same work on both sides (an event-driven kernel is slower still: bench/sparse_conv.py).",
     "- Ours holds T x chunk images per layer (chunk chosen against a memory budget and a 24 MB working set",
     "  per layer stack), SpikingJelly one step of B images: hence its lower peak memory.",
     "- Both sides are timed interleaved, on the thread count above, so that a shared machine's other jobs",
