@@ -63,6 +63,29 @@ def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
 
 @pytest.mark.lava
 @pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+def test_per_channel_initial_potentials_are_spike_exact():
+    """`--v0 optimal` gives one v0 per channel under a shared threshold: Lava's initial voltages."""
+    from targets.lava.runner import validate
+
+    snn = make_snn(0, "basic")
+    rng = np.random.default_rng(1)
+    fractions = {}
+    for node in snn.nodes:
+        if node.op == "if":
+            fractions[node.name] = rng.uniform(0.0, 1.0, node.shape[0]).astype(np.float32)
+            node.v0 = fractions[node.name] * np.broadcast_to(node.threshold, fractions[node.name].shape)
+    fixed = quantize(snn)
+    for name, fraction in fractions.items():
+        layer = fixed.layer(name)
+        per_channel = np.asarray(layer.v0).reshape(len(fraction), -1)
+        assert np.all(per_channel == per_channel[:, :1])  # one value per channel, every neuron of it
+        assert np.abs(per_channel[:, 0] - fraction * float(layer.threshold)).max() <= 1
+    report = validate(snn, make_inputs(snn, 2), 10, input_range=(0, 1))
+    assert report.ok, report.summary()
+
+
+@pytest.mark.lava
+@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
 def test_lava_target_streams_samples_through_one_network():
     from targets.base import get_target
     from targets.loihi.emulator import make_target as emulator_target
