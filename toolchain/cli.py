@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--calib-size", type=int, default=1000, help="calibration samples (spread over the split)")
     build.add_argument("--threshold", default="auto", help="auto | ceiling | max | pXX.XX (default auto: ceilings, else p99.99)")
     build.add_argument("--per-channel", action="store_true", help="one threshold per channel instead of per layer")
-    build.add_argument("--v0", default="half", choices=("zero", "half", "optimal"), help="initial membrane potential")
+    build.add_argument(
+        "--v0",
+        default="half",
+        choices=("zero", "half", "optimal"),
+        help="initial membrane potential: theta/2 (the paper), zero, or optimal: fitted to the ANN per layer "
+        "and channel on --calib data at --v0-T steps (best at low T)",
+    )
     build.add_argument("--v0-T", dest="v0_steps", type=int, default=16, help="time steps the optimal v0 search aims at")
     build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
     build.add_argument("-T", "--steps", type=int, default=32, help="time steps for fixed-point checks (lava target)")
