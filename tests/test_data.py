@@ -68,6 +68,8 @@ def test_cifar_folder_and_tarball(tmp_path):
     assert folder.x.shape == (6, 3, 32, 32)
     # labels follow CIFAR-10's class order, not the folder listing
     assert sorted(set(folder.y.tolist())) == sorted(CIFAR10_CLASSES.index(c) for c in ("cat", "airplane", "truck"))
+    # folders are grouped by class on disk; the samples come one class after the other in turn
+    assert len(set(folder.y[:3].tolist())) == 3 and folder.y[:3].tolist() == folder.y[3:].tolist()
     archive = tmp_path / "cifar-test.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "tree", arcname="cifar10")
@@ -81,6 +83,7 @@ def test_shared_cifar10_test_tarball():
     data = load_dataset(shared_data("cifar10") / "cifar10-jpeg-test.tar.gz", "test")
     assert data.x.shape == (10000, 3, 32, 32)
     assert np.bincount(data.y).tolist() == [1000] * 10
+    assert np.bincount(data.subset(20).y).tolist() == [2] * 10  # a prefix sees every class
 
 
 def test_npz_grey_images_and_errors(tmp_path):

@@ -138,9 +138,10 @@ def _read_image_folder(folder: Path) -> Dataset:
     if not files:
         raise ToolchainError(f"{folder}: no <class>/*.jpg images found")
     classes = _classes_in([p.parent.name for p in files])
-    x = np.stack([_decode(p.read_bytes()) for p in files])
     y = np.array([_class_index(p.parent.name, classes) for p in files], np.int64)
-    return Dataset(x, y, str(folder))
+    order = interleave_classes(y)
+    x = np.stack([_decode(files[i].read_bytes()) for i in order])
+    return Dataset(x, y[order], str(folder))
 
 
 def _read_image_tar(path: Path, split: str) -> Dataset:
@@ -162,9 +163,21 @@ def _read_image_tar(path: Path, split: str) -> Dataset:
         raise ToolchainError(f"{path}: no {split}/<class>/*.jpg images inside")
     records.sort()
     classes = _classes_in([r[1] for r in records])
-    x = np.stack([_decode(r[2]) for r in records])
     y = np.array([_class_index(r[1], classes) for r in records], np.int64)
-    return Dataset(x, y, f"{path} ({split})")
+    order = interleave_classes(y)
+    x = np.stack([_decode(records[i][2]) for i in order])
+    return Dataset(x, y[order], f"{path} ({split})")
+
+
+def interleave_classes(y: np.ndarray) -> np.ndarray:
+    """An order that takes one sample of each class in turn (first of every class, then the
+    second, ...): image folders come grouped by class, and `--limit N` or a calibration
+    subset must not see one class only."""
+    rank_in_class = np.zeros(len(y), np.int64)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        rank_in_class[members] = np.arange(len(members))
+    return np.lexsort((y, rank_in_class))
 
 
 # ---------------------------------------------------------------- npz
