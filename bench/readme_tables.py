@@ -8,7 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # The order the tables appear in; any other results file follows alphabetically.
-ORDER = ["accuracy_latency", "fmnist", "mnist", "thirdparty", "qcfs", "lava_speed", "throughput", "sparse_conv", "cifar10"]
+ORDER = [
+    "deploy", "accuracy_latency", "fmnist", "mnist", "thirdparty", "qcfs", "lava_speed", "throughput", "sparse_conv",
+    "cifar10",
+]  # fmt: skip
 
 
 def _rank(path: Path) -> tuple[int, str]:

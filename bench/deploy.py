@@ -1,0 +1,157 @@
+"""Low-latency deployment, end to end: each model built for Lava at a small T with the fitted
+initial potentials (`--v0 optimal --v0-T T`), then, on the whole test set at that T, the ANN
+(onnxruntime), the float SNN (torch target) and the fixed-point SNN (loihi emulator, the
+network Lava runs); and Lava itself (fixed_pt, CPU simulator) against the emulator spike for
+spike on the first few test images.
+
+This is what `toolchain build MODEL --target lava --v0 optimal --v0-T T -T T --data DATA
+--validate N` does, for several models and T in one run, written to JSON and Markdown.
+
+    .venv/bin/python bench/deploy.py                     # about 10 minutes on one loaded core
+    .venv/bin/python bench/deploy.py --steps 8 --models fmnist_vgg_clip
+
+Writes bench/results/deploy.{json,md}. Models with max pooling are left out: the fixed-point
+targets do not lower the spiking max-pool yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import describe_machine  # noqa: E402
+
+from targets.base import open_target  # noqa: E402
+from toolchain.build import BuildOptions, build_snn, write_artifact  # noqa: E402
+from toolchain.data import load_dataset  # noqa: E402
+from toolchain.errors import ToolchainError  # noqa: E402
+from toolchain.evaluate import evaluate  # noqa: E402
+from toolchain.quantize import fixed_files, quantize  # noqa: E402
+from toolchain.reference import OnnxReference  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+# name -> (ONNX file, dataset folder)
+MODELS = {
+    "mnist_cnn": (ROOT / "models" / "mnist_cnn.onnx", SHARED / "mnist"),
+    "fmnist_cnn_clip": (ROOT / "models" / "zoo" / "fmnist_cnn_clip.onnx", SHARED / "fashion-mnist"),
+    "fmnist_vgg_clip": (ROOT / "models" / "zoo" / "fmnist_vgg_clip.onnx", SHARED / "fashion-mnist"),
+    "fmnist_vgg_qcfs8": (ROOT / "models" / "zoo" / "fmnist_vgg_qcfs8.onnx", SHARED / "fashion-mnist"),
+}
+
+
+def lava_validate() -> Any:
+    """`targets.lava.runner.validate`, or None where Lava cannot run (not Python 3.10, not installed)."""
+    try:
+        from targets.lava.runner import validate
+    except ToolchainError:
+        return None
+    return validate
+
+
+def deploy(name: str, steps: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    model, data = MODELS[name]
+    test = load_dataset(data, "test").subset(args.limit)
+    options = BuildOptions(model=model, out=workdir / f"{name}-T{steps}", target="lava", calib=data, v0="optimal",
+                           v0_steps=steps, steps=steps, device=args.device)  # fmt: skip
+    started = time.perf_counter()
+    result = build_snn(options)
+    fixed = quantize(result.snn)
+    out = write_artifact(result, options, fixed_files(fixed))
+    built_seconds = time.perf_counter() - started
+    ann = OnnxReference(out / "ann.onnx")
+    graph = result.snn
+    accuracy: dict[str, float] = {}
+    for target_name in ("torch", "loihi"):
+        target = open_target(target_name, out, args.device)
+        target.prepare(graph)
+        run = evaluate(target, test, graph.preprocess, graph.input_shape, [steps], args.batch_size, ann,
+                       progress=False, label=f"{name} {target_name}")  # fmt: skip
+        accuracy["ann"] = run.ann_accuracy()
+        accuracy[target_name] = run.snn_accuracy()[steps]
+    row: dict[str, Any] = {
+        "model": str(model.relative_to(ROOT)),
+        "data": str(data),
+        "samples": len(test),
+        "steps": steps,
+        "v0_fraction": {k: round(v, 3) for k, v in graph.meta["conversion"]["v0_fraction"].items()},
+        "ann": accuracy["ann"],
+        "float_snn": accuracy["torch"],
+        "fixed_point_snn": accuracy["loihi"],
+        "build_seconds": round(built_seconds, 1),
+    }
+    validate = lava_validate()
+    if validate is None:
+        row["lava"] = "Lava not available on this Python"
+    else:
+        check = validate(fixed, graph.network_input(test.x[: args.lava_samples]), steps)
+        row["lava"] = {"identical": check.ok, "summary": check.summary(), "samples": check.samples,
+                       "seconds_per_sample": round(check.lava_seconds_per_sample, 3)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Deployment at low latency: float, fixed point and Lava",
+        "",
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores), Python {m['python']}, torch {m['torch']}, {m['date']}. "
+        "Each model built with `--target lava --v0 optimal --v0-T T` (thresholds: trained ceilings, v0 fitted on "
+        "training images at the same T), then the whole test set at T steps; Lava (fixed_pt) checked against the "
+        "emulator on the first test images. Written by `bench/deploy.py`.",
+        "",
+        "| model | T | samples | ANN | float SNN | fixed-point SNN | fixed - ANN | Lava == emulator |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        lava = r["lava"] if isinstance(r["lava"], str) else (
+            f"{'yes' if r['lava']['identical'] else 'NO'}: {r['lava']['samples']} samples, every spike"
+        )  # fmt: skip
+        lines.append(
+            f"| {Path(r['model']).stem} | {r['steps']} | {r['samples']} | {100 * r['ann']:.2f} | "
+            f"{100 * r['float_snn']:.2f} | {100 * r['fixed_point_snn']:.2f} | "
+            f"{100 * (r['fixed_point_snn'] - r['ann']):+.2f} | {lava} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--steps", default="8,16", help="comma-separated T (default 8,16)")
+    parser.add_argument("--limit", type=int, help="test samples (default: all)")
+    parser.add_argument("--lava-samples", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    missing = [str(MODELS[n][1]) for n in names if n in MODELS and not MODELS[n][1].exists()]
+    if unknown or missing:
+        print(f"error: unknown models {unknown}" if unknown else f"error: data not found: {', '.join(missing)} "
+              "(see ../shared/data/README.md)", file=sys.stderr)  # fmt: skip
+        return 2
+    result: dict[str, Any] = {"machine": describe_machine(), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            for steps in [int(t) for t in args.steps.split(",")]:
+                result["rows"].append(deploy(name, steps, args, Path(tmp)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
