@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from targets.base import get_target  # noqa: E402
 from targets.torch.simulator import resolve_device  # noqa: E402
-from toolchain.build import V0_SAMPLES, BuildOptions, build_snn  # noqa: E402
-from toolchain.calibrate import activations  # noqa: E402
+from toolchain.build import BuildOptions, build_snn  # noqa: E402
+from toolchain.calibrate import V0_MAX_SAMPLES, activations  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
 from toolchain.errors import ToolchainError  # noqa: E402
 from toolchain.evaluate import evaluate, parse_steps  # noqa: E402
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> dict:
                     "snn_accuracy": {str(t): a for t, a in result.snn_accuracy().items()},
                     "agreement_with_ann": {str(t): c / result.samples for t, c in result.agreement.items()},
                     "v0_fraction": built.snn.meta["conversion"].get("v0_fraction", {}),
+                    "v0_samples": built.snn.meta["conversion"].get("v0_samples"),
                     "seconds": round(time.perf_counter() - started, 1),
                 })
                 print(f"{threshold:>8} {v0:>8} {result.samples:>6} "
@@ -99,6 +100,11 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _v0_samples(result: dict) -> int:
+    counts = [row["v0_samples"] for row in result["rows"] if row.get("v0_samples")]
+    return max(counts) if counts else min(V0_MAX_SAMPLES, result.get("calib_size", 1000))
+
+
 def markdown(result: dict) -> str:
     steps = result["steps"]
     lines = [
@@ -110,7 +116,7 @@ def markdown(result: dict) -> str:
         "SNN accuracy (%) at T time steps, with the ANN's accuracy on the same samples beside it; "
         f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}. "
         f"Thresholds come from {result.get('calib_size', 1000)} training images; v0 `optimal` is fitted at "
-        f"T={result.get('v0_steps', 8)} on the first {min(V0_SAMPLES, result.get('calib_size', 1000))} of them.",
+        f"T={result.get('v0_steps', 8)} on the first {_v0_samples(result)} of them.",
         "",
         "| threshold | v0 | samples | ANN | " + " | ".join(f"T={t}" for t in steps) + " |",
         "|---|---|---|---|" + "---|" * len(steps),

@@ -5,7 +5,7 @@ import torch
 from targets.torch.simulator import TorchExecutor, make_target, run_ann
 from tests.conftest import ROOT, make_ann, shared_data
 from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds, optimise_v0
+from toolchain.calibrate import V0_MAX_SAMPLES, ThresholdSpec, compute_thresholds, optimise_v0, v0_samples
 from toolchain.convert import ConversionOptions, ann_view, convert, replace_maxpool
 from toolchain.errors import ToolchainError
 
@@ -135,3 +135,16 @@ def test_optimal_v0_closes_most_of_the_low_T_gap_on_a_real_model():
         accuracy[name] = float(np.mean(_snn_output(snn, x, steps).argmax(-1) == test.y))
     assert accuracy["optimal"] > accuracy["half"] + 0.01, accuracy
     assert accuracy["optimal"] > accuracy["ann"] - 0.025, accuracy
+
+
+def test_v0_fit_takes_as_many_samples_as_its_memory_budget_allows(inputs):
+    ann = make_ann()
+    snn = convert(ann, compute_thresholds(ann, ThresholdSpec("ceiling")))
+    executor = TorchExecutor(snn, "cpu")
+    per_sample = executor.peak_bytes_per_sample(8) + executor.largest_stack_bytes_per_sample(8)
+    assert v0_samples(executor, 8, 1000, memory_budget=100 * per_sample) == 100
+    assert v0_samples(executor, 8, 1000, memory_budget=1) == 16  # never fewer than 16
+    assert v0_samples(executor, 8, 1000) == V0_MAX_SAMPLES
+    assert v0_samples(executor, 8, 40) == 40
+    optimise_v0(snn, ann, inputs, 8, "cpu", memory_budget=5 * per_sample)
+    assert snn.meta["conversion"]["v0_samples"] == min(len(inputs), 16)

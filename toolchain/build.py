@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 ANN_FILE = "ann.onnx"
 BUILD_LOG_FILE = "build.json"
-V0_SAMPLES = 512  # calibration samples the optimal-v0 fit runs on (all T steps held in memory)
 
 
 @dataclass
@@ -97,7 +96,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
     chosen: dict[str, float] = {}
     if options.v0 == "optimal":
         assert batches is not None
-        x = np.concatenate(batches)[:V0_SAMPLES]
+        x = np.concatenate(batches)
         chosen = optimise_v0(snn, ann, x, options.v0_steps, options.device)
     snn.meta["conversion"].update(
         {"threshold": spec.describe(), "per_channel": spec.per_channel, "v0_fraction": chosen, "v0_steps": options.v0_steps}

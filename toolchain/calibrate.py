@@ -10,8 +10,9 @@ Percentiles are exact and memory-bounded: for each layer we keep only the top-k 
 seen so far, where k is the number of values above the percentile in the whole set.
 
 Initial potentials (`--v0`): `zero`, `half` (theta/2, the paper's optimum under a uniform
-error assumption) or `optimal`, a per-layer search for the fraction of theta that minimises
-the measured gap between the SNN's firing rate x theta and the ANN's activation at a chosen T.
+error assumption) or `optimal`, fitted to the ANN on calibration data at a chosen T: a
+per-layer fraction of theta, then a per-channel correction of the mean gap between the
+SNN's output (rate x theta) and the ANN's activation (see `optimise_v0`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from toolchain.errors import ToolchainError
 log = logging.getLogger(__name__)
 
 V0_GRID = np.round(np.linspace(0.0, 1.0, 21), 3)
+V0_MAX_SAMPLES = 512  # calibration samples the optimal-v0 fit uses at most
+V0_MEMORY_BUDGET = 2 << 30  # bytes its stacks may take; fewer samples for big models
 
 
 @dataclass
@@ -167,7 +170,13 @@ def _percentile_thresholds(
 
 
 def optimise_v0(
-    snn: ir.Graph, ann: ir.Graph, x: np.ndarray, steps: int, device: str = "auto", rounds: int = 2
+    snn: ir.Graph,
+    ann: ir.Graph,
+    x: np.ndarray,
+    steps: int,
+    device: str = "auto",
+    rounds: int = 2,
+    memory_budget: int = V0_MEMORY_BUDGET,
 ) -> dict[str, float]:
     """Initial potentials fitted to the ANN at `steps` time steps, layer by layer.
 
@@ -181,9 +190,14 @@ def optimise_v0(
        d / steps; v0 moves by steps x (ANN mean - SNN mean), kept within [0, theta].
        (Li et al., ICML 2021, correct the same bias through the layer's bias instead.)
 
+    Every step holds all samples' T-step stacks of a layer at once: `x` is cut to the
+    samples that fit in `memory_budget` bytes, recorded as `snn.meta["conversion"]["v0_samples"]`.
     The graph's IFNeuron nodes are updated in place. Returns node name -> the mean of the
     chosen v0 / theta over the layer's channels.
     """
+    snn_exec = TorchExecutor(snn, device)
+    x = x[: v0_samples(snn_exec, steps, len(x), memory_budget)]
+    snn.meta.setdefault("conversion", {})["v0_samples"] = len(x)
     ann_values: dict[str, torch.Tensor] = {}
     ann_exec = TorchExecutor(ann, device)
 
@@ -194,22 +208,32 @@ def optimise_v0(
     xt = torch.as_tensor(x)
     ann_exec.run(xt, steps=1, observe=keep)
 
-    snn_exec = TorchExecutor(snn, device)
     chosen: dict[str, float] = {}
     values: dict[str, torch.Tensor] = {snn.input_name: xt.to(snn_exec.device).unsqueeze(0)}
     with torch.inference_mode():
-        for compiled in snn_exec.compiled:
+        for index, compiled in enumerate(snn_exec.compiled):
             node = compiled.node
             args = [values[name] for name in node.inputs]
             if isinstance(node, ir.IFNeuron) and node.name in ann_values:
                 theta = compiled.tensors["threshold"]
-                target = torch.minimum(ann_values[node.name], channel_view(theta, ann_values[node.name].ndim))
+                activation = ann_values.pop(node.name)
+                target = torch.minimum(activation, channel_view(theta, activation.ndim))
                 fraction = _search_fraction(compiled, args, steps, target)
                 v0 = _correct_channel_means(compiled, args, steps, target, theta * fraction, rounds)
                 node.v0 = v0.cpu().numpy().astype(np.float32)
                 chosen[node.name] = float(np.mean(node.v0 / np.broadcast_to(node.threshold, node.v0.shape)))
             values[node.name] = OPS[node.op](compiled, args, steps)
+            for name in node.inputs:  # free each stack after its last use, as a run does
+                if snn_exec.last_use.get(name) == index:
+                    values.pop(name, None)
     return chosen
+
+
+def v0_samples(executor: TorchExecutor, steps: int, available: int, memory_budget: int = V0_MEMORY_BUDGET) -> int:
+    """How many samples the v0 fit runs on: at most V0_MAX_SAMPLES, as many as fit the budget
+    (a run's peak plus one more layer stack for the search's trial outputs), at least 16."""
+    per_sample = executor.peak_bytes_per_sample(steps) + executor.largest_stack_bytes_per_sample(steps)
+    return max(1, min(available, V0_MAX_SAMPLES, max(16, memory_budget // max(1, per_sample))))
 
 
 def _search_fraction(compiled: CompiledNode, args: list[torch.Tensor], steps: int, target: torch.Tensor) -> float:
