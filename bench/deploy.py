@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine, write_results  # noqa: E402
 
 from targets.base import open_target  # noqa: E402
 from toolchain.build import BuildOptions, build_snn, write_artifact  # noqa: E402
@@ -146,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             for steps in [int(t) for t in args.steps.split(",")]:
                 result["rows"].append(deploy(name, steps, args, Path(tmp)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown(result))
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import subprocess
@@ -43,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machine import describe_machine  # noqa: E402  (bench/machine.py)
+from machine import describe_machine, write_results  # noqa: E402  (bench/machine.py)
 
 from targets.loihi.emulator import make_target as emulator_target  # noqa: E402
 from targets.torch.simulator import make_target as torch_target  # noqa: E402
@@ -335,10 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results["models"].append(bench_model(name, model, data, args, before))
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(args.out, results, markdown(results))
     return 0
 
 

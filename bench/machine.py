@@ -1,8 +1,9 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark records about the machine it ran on, and how it writes its results."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -32,3 +33,11 @@ def describe_machine() -> dict[str, Any]:
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def write_results(prefix: Path, result: dict[str, Any], markdown: str) -> None:
+    """PREFIX.json and PREFIX.md (under bench/results/ by default), and the Markdown on stdout."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    prefix.with_suffix(".md").write_text(markdown)
+    print(markdown)

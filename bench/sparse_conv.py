@@ -13,7 +13,6 @@ dense kernel's does not. Both on one thread, same layer (a VGG-16 block: 256 -> 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine, write_results  # noqa: E402
 
 IMAGES, CHANNELS, SIDE, OUT_CHANNELS = 512, 256, 8, 256
 DENSITIES = (0.02, 0.05, 0.1, 0.2)
@@ -73,8 +72,6 @@ def main() -> int:
             })  # fmt: skip
             print(rows[-1], flush=True)
     result = {"machine": describe_machine(), "layer": [IMAGES, CHANNELS, SIDE, SIDE, OUT_CHANNELS], "rows": rows}
-    out = ROOT / "bench" / "results" / "sparse_conv"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "# Event-driven vs dense convolution on this CPU",
         "",
@@ -91,8 +88,7 @@ def main() -> int:
             f"| {100 * r['density']:.0f} % | {r['dense_ms']:.1f} | {r['event_driven_ms']:.1f} | "
             f"{r['event_vs_dense']:.2f}x | {r['max_abs_diff']:.1e} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(ROOT / "bench" / "results" / "sparse_conv", result, "\n".join(lines) + "\n")
     return 0
 
 
