@@ -82,6 +82,21 @@ def concat_input_ann(seed: int = 0) -> ir.Graph:
     return graph
 
 
+def ceil_pool_ann(seed: int = 0) -> ir.Graph:
+    """An ONNX ceil_mode average pool: padding counted, the overhang past the end not."""
+    rng = np.random.default_rng(seed)
+    nodes: list[ir.Node] = [
+        ir.Conv2d("c1", ["x"], weight=_w(rng, 3, 1, 3, 3), bias=np.zeros(3, np.float32), padding=(1, 1, 1, 1)),
+        ir.Relu("a1", ["c1"], ceiling=np.array([1.0], np.float32)),
+        ir.AvgPool2d("ap", ["a1"], kernel=(3, 3), stride=(2, 2), padding=(1, 1, 2, 2), uncounted_end=(1, 1)),
+        ir.Flatten("flat", ["ap"]),
+        ir.Linear("fc", ["flat"], weight=_w(rng, 3, 75), bias=np.zeros(3, np.float32)),
+    ]
+    graph = ir.Graph("x", (1, 8, 8), nodes, "fc")
+    graph.infer_shapes()
+    return graph
+
+
 def mlp_ann(seed: int = 0) -> ir.Graph:
     rng = np.random.default_rng(seed)
     nodes: list[ir.Node] = [
@@ -122,6 +137,7 @@ CASES = {
     "residual-add-concat": lambda: residual_ann(),
     "residual-per-channel": lambda: residual_ann(seed=3, per_channel=True),
     "concat-constant-branch": lambda: concat_input_ann(),
+    "ceil-mode-avgpool": lambda: ceil_pool_ann(),
     "mlp": lambda: mlp_ann(),
 }
 

@@ -72,14 +72,31 @@ class Linear(Node):
 
 @dataclass
 class AvgPool2d(Node):
+    """Average pooling over zero-padded input. The divisor counts the window's cells inside
+    the input, plus its padding cells when `count_include_pad`, except the last
+    `uncounted_end` (rows, columns) of the bottom/right padding: the overhang of ONNX
+    ceil_mode windows, which the ONNX reference (and torch) never count."""
+
     kernel: tuple[int, int] = (2, 2)
     stride: tuple[int, int] = (2, 2)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
     count_include_pad: bool = True
+    uncounted_end: tuple[int, int] = (0, 0)
     op: ClassVar[str] = "avgpool2d"
 
     def infer_shape(self, input_shapes: list[Shape]) -> Shape:
         return _pool_shape(input_shapes[0], self.kernel, self.stride, self.padding)
+
+    def cell_counts(self, height: int, width: int) -> np.ndarray:
+        """(out_h, out_w): how many cells each window divides by, for an input of that size."""
+        top, left, bottom, right = self.padding
+        counted = np.zeros((height + top + bottom, width + left + right), np.float32)
+        if self.count_include_pad:
+            counted[: counted.shape[0] - self.uncounted_end[0], : counted.shape[1] - self.uncounted_end[1]] = 1
+        else:
+            counted[top : top + height, left : left + width] = 1
+        windows = np.lib.stride_tricks.sliding_window_view(counted, self.kernel)
+        return windows[:: self.stride[0], :: self.stride[1]].sum(axis=(-2, -1))
 
 
 @dataclass

@@ -545,8 +545,8 @@ def average_pool(b: Builder, node: onnx.NodeProto) -> None:
         if any(pads) and not include:
             b.fail("a Pad before an AveragePool that has its own pads with count_include_pad=0 is not supported")
         include = True  # the explicit zeros are real elements of the pooled tensor
-    # With ceil_mode, onnxruntime counts the overhang past the end like padding when count_include_pad=1
-    # (torch does not); the extra end padding reproduces onnxruntime.
+    # ceil_mode pads the end so that floor-mode windows reach the last output; that overhang is
+    # never in the divisor (ONNX reference, torch, onnxruntime 1.32; onnxruntime 1.23 counted it).
     padding = _add_pads(_add_pads(pads, extra), (0, 0, ceil[0], ceil[1]))
     b.emit(
         ir.AvgPool2d(
@@ -556,6 +556,7 @@ def average_pool(b: Builder, node: onnx.NodeProto) -> None:
             stride=(strides[0], strides[1]),
             padding=padding,
             count_include_pad=include,
+            uncounted_end=(ceil[0], ceil[1]) if include else (0, 0),
         )
     )
 
