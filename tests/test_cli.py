@@ -127,3 +127,17 @@ def test_bad_test_data_path_leaves_no_artifact(tmp_path):
     out = tmp_path / "o"
     assert_clean_failure(toolchain("build", DEFAULT_MODEL, "--data", tmp_path / "nowhere", "-o", out), "nowhere")
     assert not out.exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`toolchain inspect OUT | head -1`: the reader goes away; no traceback, no noise."""
+    out = tmp_path / "art"
+    assert toolchain("build", DEFAULT_MODEL, "-o", out).returncode == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "toolchain", "inspect", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    process.stdout.close()  # before the child has written anything
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 141, stderr
+    assert stderr == ""
