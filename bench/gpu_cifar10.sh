@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # CIFAR-10 on one GPU: train VGG-16 with clipped ReLU (about 6 minutes of training),
 # export it, then measure ANN vs SNN accuracy and latency with bench/accuracy_latency.py.
-# Fits in 10 minutes on one H200. Needs python with torch (CUDA), onnx, onnxruntime,
-# numpy and pillow; no network, no Lava.
+# Fits in 10 minutes on one H200. Needs python with torch (CUDA), onnx, onnxruntime and numpy;
+# no network, no Lava. Pillow (to decode the JPEGs) is unpacked from .whl/ when missing: fetch it
+# beforehand with `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 -d .whl pillow`.
 #
 #   bash bench/gpu_cifar10.sh [CIFAR10_PATH]      (default ../shared/data/cifar10)
 #
-# Environment: PYTHON (default python), TRAIN_SECONDS (default 330), EPOCHS (at most; default 60).
+# On the lent device machine only the repository travels: copy the data in first and carry it
+# with the wheels (both git-ignored): cp -r ../shared/data/cifar10 .cifar10, then run
+# `bash bench/gpu_cifar10.sh .cifar10` with carry [".whl", ".cifar10"] (about 27 MB).
+#
+# Environment: PYTHON (default python3), TRAIN_SECONDS (default 330), EPOCHS (at most; default 60).
 # Everything printed goes to bench/results/gpu_cifar10_<time>.log as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATA="${1:-../shared/data/cifar10}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 TRAIN_SECONDS="${TRAIN_SECONDS:-330}"
 EPOCHS="${EPOCHS:-60}"
 RUN=bench/results/cifar10_vgg16_train
@@ -23,6 +29,9 @@ exec > >(tee -a "$LOG") 2>&1
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
 stamp "gpu_cifar10: data=$DATA python=$PYTHON log=$LOG"
+# shellcheck source=bench/wheels.sh
+source bench/wheels.sh
+install_missing "$PYTHON" PIL=".whl/pillow-*.whl"
 if [ ! -e "$DATA" ]; then
     echo "error: $DATA: no CIFAR-10 folder or tarball (pass its path as the first argument)" >&2
     exit 2

@@ -7,12 +7,12 @@
 #
 #   bash bench/gpu_throughput.sh [extra bench/throughput.py flags, e.g. --quick]
 #
-# Needs python with torch (CUDA), onnx, onnxruntime, numpy, tqdm, torchvision, scipy, matplotlib;
-# no network, no Lava. SpikingJelly (a benchmark-only dependency) is used if installed, else
-# installed from the wheel in .whl/, which you fetch beforehand on a machine with network:
+# Needs python with torch (CUDA), onnx, onnxruntime, numpy; no network, no Lava. SpikingJelly
+# (a benchmark-only dependency) and tqdm (which its converter imports; torchvision and scipy it
+# does not need here) are used if installed, else installed from the wheels in .whl/, which
+# you fetch beforehand on a machine with network (both are pure Python):
 #
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl spikingjelly==0.0.0.0.14
+#   python3 -m pip download --no-deps -d .whl spikingjelly==0.0.0.0.14 tqdm
 #
 # Environment: PYTHON (default python3).
 set -euo pipefail
@@ -25,17 +25,9 @@ LOG="bench/results/gpu_throughput_$(date +%Y%m%d-%H%M%S).log"
 exec > >(tee -a "$LOG") 2>&1
 stamp() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
-if ! "$PYTHON" -c "import spikingjelly" 2>/dev/null; then
-    wheel=$(ls .whl/spikingjelly-${SJ_VERSION}-*.whl 2>/dev/null | head -1 || true)
-    if [ -z "$wheel" ]; then
-        echo "error: spikingjelly is not installed and .whl/spikingjelly-${SJ_VERSION}-*.whl is missing;" >&2
-        echo "       fetch it with the pip download command at the top of $0" >&2
-        exit 2
-    fi
-    stamp "installing $wheel into /tmp/sj-site"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sj-site "$wheel"
-    export PYTHONPATH="/tmp/sj-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# shellcheck source=bench/wheels.sh
+source bench/wheels.sh
+install_missing "$PYTHON" spikingjelly=".whl/spikingjelly-${SJ_VERSION}-*.whl" tqdm=".whl/tqdm-*.whl"
 
 "$PYTHON" - <<'PY'
 import importlib.util, sys
