@@ -17,6 +17,7 @@ from torch import nn
 
 from targets.torch.simulator import run_ann
 from toolchain import ir
+from toolchain.errors import ToolchainError
 from toolchain.frontend import SUPPORTED_OPS, load_onnx
 
 RNG = np.random.default_rng(0)
@@ -300,6 +301,37 @@ def test_ceil_mode_average_pool_matches_torch(tmp_path):
     with torch.no_grad():
         expected = module(torch.as_tensor(x)).numpy()
     np.testing.assert_allclose(run_ann(load_onnx(path), x, device="cpu"), expected, rtol=1e-5, atol=1e-6)
+
+
+class _SpatialReduce(nn.Module):
+    def __init__(self, kind: str, keepdim: bool):
+        super().__init__()
+        self.conv, self.kind, self.keepdim = nn.Conv2d(2, 4, 3), kind, keepdim
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.kind == "mean":
+            return x.mean(dim=(2, 3), keepdim=self.keepdim)
+        return torch.amax(x, dim=(-2, -1), keepdim=self.keepdim)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("kind", ["mean", "max"])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_spatial_reductions_are_global_pools(tmp_path, opset, kind, keepdim):
+    graph = check(export(tmp_path, _SpatialReduce(kind, keepdim), (2, 6, 6), opset=opset), (2, 6, 6))
+    pool = "avgpool2d" if kind == "mean" else "maxpool2d"
+    assert ops(graph) == ["conv2d", pool] + ([] if keepdim else ["flatten"])
+
+
+def test_reductions_over_other_axes_are_refused(tmp_path):
+    class ChannelMean(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=1)
+
+    path = export(tmp_path, ChannelMean(), (2, 4, 4))
+    with pytest.raises(ToolchainError, match=r"ReduceMean.*only the two spatial axes"):
+        load_onnx(path)
 
 
 def test_global_max_pool(tmp_path):

@@ -571,6 +571,27 @@ def global_pool(b: Builder, node: onnx.NodeProto) -> None:
         b.emit(ir.AvgPool2d("", [source], kernel=(h, w), stride=(h, w), padding=(0, 0, 0, 0), count_include_pad=False))
 
 
+@handles("ReduceMean", "ReduceMax")
+def reduce_spatial(b: Builder, node: onnx.NodeProto) -> None:
+    """A mean (max) over the two spatial axes, as in `x.mean(dim=(2, 3))`: global pooling."""
+    source = b.dyn(0)
+    _, h, w = _spatial(b, "reduction")
+    axes_value = b.optional_const(1, "axes")  # an input from opset 18, an attribute before
+    axes = _ints(b.attr("axes"), []) if axes_value is None else [int(a) for a in np.asarray(axes_value).reshape(-1)]
+    if sorted(a % 4 for a in axes) != [2, 3]:
+        b.fail(f"reduces over axes {axes}; only the two spatial axes (2, 3) are supported (global pooling)")
+    window = {"kernel": (h, w), "stride": (h, w), "padding": (0, 0, 0, 0)}
+    pool: ir.Node = (
+        ir.MaxPool2d("", [source], **window)
+        if node.op_type == "ReduceMax"
+        else ir.AvgPool2d("", [source], count_include_pad=False, **window)
+    )
+    if int(b.attr("keepdims", 1)):
+        b.emit(pool)
+    else:
+        b.emit(ir.Flatten("", [b.emit(pool, expect=False)]))
+
+
 @handles("Pad")
 def pad(b: Builder, node: onnx.NodeProto) -> None:
     source = b.dyn(0)
