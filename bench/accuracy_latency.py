@@ -115,8 +115,12 @@ def markdown(result: dict) -> str:
         f"**{100 * result['ann_accuracy']:.2f} %** on all {result['test_samples']} test samples. "
         "SNN accuracy (%) at T time steps, with the ANN's accuracy on the same samples beside it; "
         f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}. "
-        f"Thresholds come from {result.get('calib_size', 1000)} training images; v0 `optimal` is fitted at "
-        f"T={result.get('v0_steps', 8)} on the first {_v0_samples(result)} of them.",
+        f"Thresholds come from {result.get('calib_size', 1000)} training images"
+        + (
+            f"; v0 `optimal` is fitted at T={result.get('v0_steps', 8)} on the first {_v0_samples(result)} of them."
+            if any(row["v0"] == "optimal" for row in result["rows"])
+            else "."
+        ),
         "",
         "| threshold | v0 | samples | ANN | " + " | ".join(f"T={t}" for t in steps) + " |",
         "|---|---|---|---|" + "---|" * len(steps),
