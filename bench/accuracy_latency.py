@@ -12,7 +12,6 @@ and `toolchain.evaluate` code the CLI uses. Writes JSON and Markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import write_results  # noqa: E402
 
 from targets.base import get_target  # noqa: E402
 from targets.torch.simulator import resolve_device  # noqa: E402
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> dict:
     calib = args.calib or args.data
     ann_graph = load_onnx(args.model)
     has_ceilings = all(n.ceiling is not None for n in activations(ann_graph))
+    source = "ceiling" if has_ceilings else "p99.99"
+    full = args.full if args.full is not None else [f"{source}/half", f"{source}/optimal"]
     rows = []
     ann_accuracy = None
     reference = OnnxReference(args.model)
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
                 # The other methods run on a prefix of the test set; the --full ones run on both,
                 # so that every comparison between rows is on the same samples.
                 prefix = test.subset(args.other_limit)
-                subsets = [test, prefix] if f"{threshold}/{v0}" in args.full else [prefix]
+                subsets = [test, prefix] if f"{threshold}/{v0}" in full else [prefix]
             for data in subsets:
                 result = evaluate(target, data, built.snn.preprocess, built.snn.input_shape, steps, args.batch_size,
                                   reference, progress=None, label=f"{threshold}/{v0}")
@@ -153,17 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
-        if args.full is None:
-            source = "ceiling" if any(n.ceiling is not None for n in activations(load_onnx(args.model))) else "p99.99"
-            args.full = [f"{source}/half", f"{source}/optimal"]
         result = run(args)
     except ToolchainError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown(result))
     return 0
 
 

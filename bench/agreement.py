@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import write_results  # noqa: E402
 
 from targets.base import get_target  # noqa: E402
 from toolchain.build import BuildOptions, build_snn  # noqa: E402
@@ -61,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for t in steps:
         lines.append(f"| {t} | {100 * result.snn_accuracy()[t]:.2f} % | {100 * result.agreement[t] / result.samples:.2f} % |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, record, "\n".join(lines) + "\n")
     return 0
 
 
