@@ -29,7 +29,12 @@ def _lava_missing() -> str | None:
 
 
 LAVA_MISSING = _lava_missing()
-needs_lava = [pytest.mark.lava, pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")]
+
+
+def needs_lava(test):
+    """Marks a test `lava` and skips it, saying why, where Lava cannot run."""
+    skip = pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+    return pytest.mark.lava(skip(test))
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +54,7 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
 
 
 @pytest.mark.parametrize("variant, samples, steps", [("basic", 3, 12), ("odd", 2, 10)])
-@pytest.mark.lava
-@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+@needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
     from targets.lava.runner import validate
 
@@ -61,8 +65,7 @@ def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
     assert report.spikes_compared > 0 and "identical" in report.summary()
 
 
-@pytest.mark.lava
-@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+@needs_lava
 def test_per_channel_initial_potentials_are_spike_exact():
     """`--v0 optimal` gives one v0 per channel under a shared threshold: Lava's initial voltages."""
     from targets.lava.runner import validate
@@ -74,18 +77,17 @@ def test_per_channel_initial_potentials_are_spike_exact():
         if node.op == "if":
             fractions[node.name] = rng.uniform(0.0, 1.0, node.shape[0]).astype(np.float32)
             node.v0 = fractions[node.name] * np.broadcast_to(node.threshold, fractions[node.name].shape)
-    fixed = quantize(snn)
+    fixed = quantize(snn, input_range=(0, 1))
     for name, fraction in fractions.items():
         layer = fixed.layer(name)
         per_channel = np.asarray(layer.v0).reshape(len(fraction), -1)
         assert np.all(per_channel == per_channel[:, :1])  # one value per channel, every neuron of it
         assert np.abs(per_channel[:, 0] - fraction * float(layer.threshold)).max() <= 1
-    report = validate(snn, make_inputs(snn, 2), 10, input_range=(0, 1))
+    report = validate(fixed, make_inputs(snn, 2), 10)
     assert report.ok, report.summary()
 
 
-@pytest.mark.lava
-@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+@needs_lava
 def test_lava_target_streams_samples_through_one_network():
     from targets.base import get_target
     from targets.loihi.emulator import make_target as emulator_target
@@ -114,8 +116,7 @@ def test_lava_target_streams_samples_through_one_network():
     assert target.seconds_per_sample is not None and target.seconds_per_sample > 0
 
 
-@pytest.mark.lava
-@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+@needs_lava
 def test_first_difference_is_located_and_overflow_saturates_identically():
     from targets.lava.runner import LavaTarget, first_mismatch
     from targets.loihi.emulator import make_target as emulator_target
@@ -146,8 +147,7 @@ def test_first_difference_is_located_and_overflow_saturates_identically():
     assert first_mismatch(order, expected.spikes, expected.spikes) is None
 
 
-@pytest.mark.lava
-@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+@needs_lava
 def test_floating_point_models_run_the_same_network():
     from targets.lava.runner import LavaTarget
     from targets.loihi.emulator import make_target as emulator_target
@@ -165,8 +165,7 @@ def test_floating_point_models_run_the_same_network():
     assert np.abs(got.readout - expected.readout).max() <= 0.1 * np.abs(expected.readout).max()
 
 
-@pytest.mark.lava
-@pytest.mark.skipif(LAVA_MISSING is not None, reason=f"Lava unavailable: {LAVA_MISSING}")
+@needs_lava
 def test_trained_mnist_cnn_is_spike_exact_in_lava():
     if not MODEL.exists() or not MNIST.exists():
         pytest.skip("models/mnist_cnn.onnx or the embedded MNIST test split is missing")
@@ -176,6 +175,6 @@ def test_trained_mnist_cnn_is_spike_exact_in_lava():
 
     snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
     data = load_dataset(MNIST, "test").subset(2)
-    x = snn.preprocess.apply(data.x).reshape((len(data.x), *snn.input_shape))
+    x = snn.network_input(data.x)
     report = validate(snn, x, 12)
     assert report.ok, report.summary()

@@ -204,7 +204,7 @@ def test_trained_mnist_cnn_keeps_its_accuracy():
 
     snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
     data = load_dataset(MNIST, "test").subset(64)
-    x = snn.preprocess.apply(data.x).reshape((len(data.x), *snn.input_shape))
+    x = snn.network_input(data.x)
     steps = 24
     floating = torch_target(device="cpu")
     floating.prepare(snn)
@@ -275,7 +275,7 @@ def test_fast_path_equals_the_int64_path_on_mnist_cnn():
     snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
     fixed = quantize(snn)
     data = load_dataset(MNIST, "test").subset(24)
-    x = snn.preprocess.apply(data.x).reshape((len(data.x), *snn.input_shape))
+    x = snn.network_input(data.x)
     steps = 32
     fast = make_target(device="cpu", fixed=fixed, batch_size=7)  # uneven batches
     exact = make_target(device="cpu", fixed=fixed, arithmetic="int64")
