@@ -87,6 +87,11 @@ class AvgPool2d(Node):
     def infer_shape(self, input_shapes: list[Shape]) -> Shape:
         return _pool_shape(input_shapes[0], self.kernel, self.stride, self.padding)
 
+    @property
+    def uniform_divisor(self) -> bool:
+        """Whether every window divides by the kernel's area (otherwise see `cell_counts`)."""
+        return not any(self.padding) or (self.count_include_pad and not any(self.uncounted_end))
+
     def cell_counts(self, height: int, width: int) -> np.ndarray:
         """(out_h, out_w): how many cells each window divides by, for an input of that size."""
         top, left, bottom, right = self.padding

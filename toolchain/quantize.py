@@ -303,12 +303,9 @@ def _apply_chain(nodes: list[ir.Node], x: Any, linear_only: bool) -> Any:
             x = F.linear(x, t(n.weight), None if linear_only else t(n.bias))
         elif isinstance(n, ir.AvgPool2d):
             y = F.avg_pool2d(pad(x, n.padding), n.kernel, n.stride, 0, count_include_pad=True)
-            if any(n.uncounted_end):
+            if not n.uniform_divisor:
                 area = n.kernel[0] * n.kernel[1]
                 y = y * (area / torch.as_tensor(n.cell_counts(*x.shape[-2:]), dtype=y.dtype, device=y.device))
-            elif not n.count_include_pad and any(n.padding):
-                ones = pad(torch.ones_like(x[:1, :1]), n.padding)
-                y = y / F.avg_pool2d(ones, n.kernel, n.stride, 0, count_include_pad=True)
             x = y
         elif isinstance(n, ir.Flatten):
             x = x.flatten(1)

@@ -72,12 +72,9 @@ class StepSimulator:
             return F.linear(x, _tensor(node.weight, dt, dev), _tensor(node.bias, dt, dev))
         if isinstance(node, ir.AvgPool2d):
             total = F.avg_pool2d(_padded(x, node.padding), node.kernel, node.stride, divisor_override=1)
-            if any(node.uncounted_end):
-                return total / torch.as_tensor(node.cell_counts(*x.shape[-2:]), dtype=total.dtype, device=total.device)
-            if node.count_include_pad:
+            if node.uniform_divisor:
                 return total / (node.kernel[0] * node.kernel[1])
-            cells = F.avg_pool2d(_padded(torch.ones_like(x[:1, :1]), node.padding), node.kernel, node.stride, divisor_override=1)
-            return total / cells
+            return total / torch.as_tensor(node.cell_counts(*x.shape[-2:]), dtype=total.dtype, device=total.device)
         if isinstance(node, ir.MaxPool2d):
             state = self.state.setdefault(node.name, {"count": torch.zeros_like(x), "max": None})
             state["count"] = state["count"] + x

@@ -395,18 +395,13 @@ def _avgpool2d(c: CompiledNode, args: list[torch.Tensor], steps: int) -> torch.T
         return _avgpool_2x2(x)
     padded, symmetric = _pad(_merge(x), n.padding)
     pad = symmetric or 0
-    if any(n.uncounted_end):  # ceil_mode overhang: a divisor per window
+    if n.uniform_divisor:
+        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=True)
+    elif symmetric is not None and not n.count_include_pad:
+        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=False)
+    else:  # asymmetric padding not counted, or a ceil_mode overhang: a divisor per window
         total = F.avg_pool2d(padded, n.kernel, n.stride, pad, divisor_override=1)
         y = total / torch.as_tensor(n.cell_counts(*x.shape[-2:]), dtype=total.dtype, device=total.device)
-    elif n.count_include_pad or not any(n.padding):
-        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=True)
-    elif symmetric is not None:
-        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=False)
-    else:  # asymmetric padding, padded cells not counted: divide by the pooled count of real cells
-        ones = torch.ones_like(_merge(x)[:1, :1])
-        ones, _ = _pad(ones, n.padding)
-        y = F.avg_pool2d(padded, n.kernel, n.stride, pad, count_include_pad=True)
-        y = y / F.avg_pool2d(ones, n.kernel, n.stride, pad, count_include_pad=True)
     return _split(y, x.shape[0])
 
 
