@@ -75,6 +75,42 @@ def test_percentile_build_with_calibration_data(tmp_path):
     assert all(layer["source"] == "p99.9 per channel" for layer in log["layers"])
 
 
+def _external_data_copy(folder: Path) -> Path:
+    """The shipped model saved as torch's dynamo exporter saves: weights in model.onnx.data beside it."""
+    folder.mkdir()
+    model = folder / "model.onnx"
+    onnx.save_model(onnx.load(DEFAULT_MODEL), model, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return model
+
+
+def test_external_data_model_builds_a_self_contained_artifact(tmp_path):
+    model = _external_data_copy(tmp_path / "src")
+    out = tmp_path / "art"
+    assert toolchain("build", model, "-o", out).returncode == 0
+    for path in (tmp_path / "src").iterdir():
+        path.unlink()  # the artifact must not need the exporter's files
+    result = toolchain("eval", out, "--data", EMBEDDED_MNIST, "-T", "8", "--limit", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ann_accuracy"] > 0.9
+
+
+def test_ann_past_the_protobuf_limit_keeps_its_data_beside_it(tmp_path):
+    import onnxruntime as ort
+
+    from toolchain.build import ANN_DATA_FILE, ANN_FILE, ann_files
+
+    model = _external_data_copy(tmp_path / "src")
+    files = ann_files(model, limit=1000)  # as if the weights did not fit one protobuf
+    assert set(files) == {ANN_FILE, ANN_DATA_FILE}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), np.float32)
+    want = ort.InferenceSession(str(DEFAULT_MODEL)).run(None, {"input": x})[0]
+    got = ort.InferenceSession(str(tmp_path / ANN_FILE)).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(got, want)
+    assert ann_files(DEFAULT_MODEL) == {ANN_FILE: DEFAULT_MODEL.read_bytes()}
+
+
 # ---------------------------------------------------------------- bad input
 
 
