@@ -165,6 +165,24 @@ def test_bad_test_data_path_leaves_no_artifact(tmp_path):
     assert not out.exists()
 
 
+def test_output_never_replaces_what_is_not_an_artifact(tmp_path):
+    """-o naming the user's own folder or file (a typo, `-o .`) is refused before any work, nothing deleted."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    model_copy = tmp_path / "model.onnx"
+    model_copy.write_bytes(DEFAULT_MODEL.read_bytes())
+    assert_clean_failure(toolchain("build", DEFAULT_MODEL, "-o", folder), str(folder), "not a toolchain output")
+    assert (folder / "thesis.tex").read_text() == "precious"
+    assert_clean_failure(toolchain("build", DEFAULT_MODEL, "-o", model_copy), str(model_copy), "not a folder")
+    assert model_copy.read_bytes() == DEFAULT_MODEL.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "thesis"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert toolchain("build", DEFAULT_MODEL, "-o", empty).returncode == 0
+    assert toolchain("build", DEFAULT_MODEL, "-o", empty).returncode == 0  # an earlier artifact is replaced
+
+
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """`toolchain inspect OUT | head -1`: the reader goes away; no traceback, no noise."""
     out = tmp_path / "art"

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_build(args: argparse.Namespace) -> int:
     from toolchain.build import BuildOptions, build_snn, write_artifact
     from toolchain.data import load_dataset
+    from toolchain.fileio import check_replaceable
+    from toolchain.ir import GRAPH_FILE
 
     options = BuildOptions(
         model=args.model,
@@ -137,6 +139,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
     if args.target == "lava":
         import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
+    check_replaceable(args.out, GRAPH_FILE)  # before any work: -o must not name the user's own files
     # Read the test data before anything is written: a bad --data path must leave no artifact behind.
     test = load_dataset(args.data, "test") if args.data is not None else None
     result = build_snn(options)

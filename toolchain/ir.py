@@ -332,7 +332,7 @@ def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes
 
     files = pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
     files.update(extra_files or {})
-    return atomic_directory(Path(directory), files)
+    return atomic_directory(Path(directory), files, GRAPH_FILE)
 
 
 def load_graph(directory: str | Path) -> Graph:
