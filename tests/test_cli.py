@@ -195,3 +195,22 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     stderr = process.stderr.read().decode()
     assert process.wait() == 141, stderr
     assert stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("eval", "ART", "--data", EMBEDDED_MNIST, "--batch-size", "0"),
+        ("eval", "ART", "--data", EMBEDDED_MNIST, "--limit", "-5"),
+        ("build", DEFAULT_MODEL, "-o", "OUT", "--target", "loihi", "-T", "0", "--data", EMBEDDED_MNIST),
+        ("build", DEFAULT_MODEL, "-o", "OUT", "--v0", "optimal", "--v0-T", "0", "--calib", CALIB),
+        ("build", DEFAULT_MODEL, "-o", "OUT", "--target", "lava", "--validate", "-2", "--data", EMBEDDED_MNIST),
+    ],
+)
+def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path, args):
+    """A batch size of 0 or a negative -T, --limit or --validate ended in a traceback (-T 0 after writing the artifact)."""
+    out = tmp_path / "out"
+    result = toolchain(*[out if a == "OUT" else tmp_path if a == "ART" else a for a in args])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "must be at least" in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()
