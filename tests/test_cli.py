@@ -214,3 +214,41 @@ def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path, args):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "must be at least" in result.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def _rgb_model(path: Path) -> Path:
+    """Conv(3 -> 4) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(10) on (3, 8, 8) images."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "fc"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_channels_last_images_and_wrong_mean_counts_are_refused(tmp_path):
+    """NHWC images of the same size were reshaped into garbage without a word; --mean with the wrong
+    number of values ended in a numpy traceback."""
+    model = _rgb_model(tmp_path / "rgb.onnx")
+    images = np.random.default_rng(1).integers(0, 256, (8, 3, 8, 8), dtype=np.uint8)
+    nchw, nhwc = tmp_path / "nchw.npz", tmp_path / "nhwc.npz"
+    np.savez(nchw, x=images, y=np.arange(8) % 10)
+    np.savez(nhwc, x=images.transpose(0, 2, 3, 1), y=np.arange(8) % 10)
+    out = tmp_path / "out"
+    assert_clean_failure(toolchain("build", model, "--calib", nhwc, "-o", out), str(nhwc), "channels-last")
+    assert_clean_failure(toolchain("build", model, "--calib", nchw, "--mean", "0.5,0.5", "-o", out), "--mean", "3 channel")
+    assert not out.exists()
+    assert toolchain("build", model, "--calib", nchw, "--mean", "0.5,0.4,0.3", "-o", out).returncode == 0
+    assert_clean_failure(toolchain("eval", out, "--data", nhwc, "-T", "4"), str(nhwc), "channels-last")
+    assert toolchain("eval", out, "--data", nchw, "-T", "4").returncode == 0
