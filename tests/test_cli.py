@@ -75,6 +75,42 @@ def test_percentile_build_with_calibration_data(tmp_path):
     assert all(layer["source"] == "p99.9 per channel" for layer in log["layers"])
 
 
+def _external_data_copy(folder: Path) -> Path:
+    """The shipped model saved as torch's dynamo exporter saves: weights in model.onnx.data beside it."""
+    folder.mkdir()
+    model = folder / "model.onnx"
+    onnx.save_model(onnx.load(DEFAULT_MODEL), model, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return model
+
+
+def test_external_data_model_builds_a_self_contained_artifact(tmp_path):
+    model = _external_data_copy(tmp_path / "src")
+    out = tmp_path / "art"
+    assert toolchain("build", model, "-o", out).returncode == 0
+    for path in (tmp_path / "src").iterdir():
+        path.unlink()  # the artifact must not need the exporter's files
+    result = toolchain("eval", out, "--data", EMBEDDED_MNIST, "-T", "8", "--limit", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ann_accuracy"] > 0.9
+
+
+def test_ann_past_the_protobuf_limit_keeps_its_data_beside_it(tmp_path):
+    import onnxruntime as ort
+
+    from toolchain.build import ANN_DATA_FILE, ANN_FILE, ann_files
+
+    model = _external_data_copy(tmp_path / "src")
+    files = ann_files(model, limit=1000)  # as if the weights did not fit one protobuf
+    assert set(files) == {ANN_FILE, ANN_DATA_FILE}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), np.float32)
+    want = ort.InferenceSession(str(DEFAULT_MODEL)).run(None, {"input": x})[0]
+    got = ort.InferenceSession(str(tmp_path / ANN_FILE)).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(got, want)
+    assert ann_files(DEFAULT_MODEL) == {ANN_FILE: DEFAULT_MODEL.read_bytes()}
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -129,6 +165,24 @@ def test_bad_test_data_path_leaves_no_artifact(tmp_path):
     assert not out.exists()
 
 
+def test_output_never_replaces_what_is_not_an_artifact(tmp_path):
+    """-o naming the user's own folder or file (a typo, `-o .`) is refused before any work, nothing deleted."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    model_copy = tmp_path / "model.onnx"
+    model_copy.write_bytes(DEFAULT_MODEL.read_bytes())
+    assert_clean_failure(toolchain("build", DEFAULT_MODEL, "-o", folder), str(folder), "not a toolchain output")
+    assert (folder / "thesis.tex").read_text() == "precious"
+    assert_clean_failure(toolchain("build", DEFAULT_MODEL, "-o", model_copy), str(model_copy), "not a folder")
+    assert model_copy.read_bytes() == DEFAULT_MODEL.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "thesis"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert toolchain("build", DEFAULT_MODEL, "-o", empty).returncode == 0
+    assert toolchain("build", DEFAULT_MODEL, "-o", empty).returncode == 0  # an earlier artifact is replaced
+
+
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """`toolchain inspect OUT | head -1`: the reader goes away; no traceback, no noise."""
     out = tmp_path / "art"
@@ -141,3 +195,60 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     stderr = process.stderr.read().decode()
     assert process.wait() == 141, stderr
     assert stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("eval", "ART", "--data", EMBEDDED_MNIST, "--batch-size", "0"),
+        ("eval", "ART", "--data", EMBEDDED_MNIST, "--limit", "-5"),
+        ("build", DEFAULT_MODEL, "-o", "OUT", "--target", "loihi", "-T", "0", "--data", EMBEDDED_MNIST),
+        ("build", DEFAULT_MODEL, "-o", "OUT", "--v0", "optimal", "--v0-T", "0", "--calib", CALIB),
+        ("build", DEFAULT_MODEL, "-o", "OUT", "--target", "lava", "--validate", "-2", "--data", EMBEDDED_MNIST),
+    ],
+)
+def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path, args):
+    """A batch size of 0 or a negative -T, --limit or --validate ended in a traceback (-T 0 after writing the artifact)."""
+    out = tmp_path / "out"
+    result = toolchain(*[out if a == "OUT" else tmp_path if a == "ART" else a for a in args])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "must be at least" in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def _rgb_model(path: Path) -> Path:
+    """Conv(3 -> 4) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(10) on (3, 8, 8) images."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "fc"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_channels_last_images_and_wrong_mean_counts_are_refused(tmp_path):
+    """NHWC images of the same size were reshaped into garbage without a word; --mean with the wrong
+    number of values ended in a numpy traceback."""
+    model = _rgb_model(tmp_path / "rgb.onnx")
+    images = np.random.default_rng(1).integers(0, 256, (8, 3, 8, 8), dtype=np.uint8)
+    nchw, nhwc = tmp_path / "nchw.npz", tmp_path / "nhwc.npz"
+    np.savez(nchw, x=images, y=np.arange(8) % 10)
+    np.savez(nhwc, x=images.transpose(0, 2, 3, 1), y=np.arange(8) % 10)
+    out = tmp_path / "out"
+    assert_clean_failure(toolchain("build", model, "--calib", nhwc, "-o", out), str(nhwc), "channels-last")
+    assert_clean_failure(toolchain("build", model, "--calib", nchw, "--mean", "0.5,0.5", "-o", out), "--mean", "3 channel")
+    assert not out.exists()
+    assert toolchain("build", model, "--calib", nchw, "--mean", "0.5,0.4,0.3", "-o", out).returncode == 0
+    assert_clean_failure(toolchain("eval", out, "--data", nhwc, "-T", "4"), str(nhwc), "channels-last")
+    assert toolchain("eval", out, "--data", nchw, "-T", "4").returncode == 0

@@ -105,6 +105,24 @@ def test_unsupported_op(tmp_path, op):
     assert "Relu" in message
 
 
+@pytest.mark.parametrize("op", ["Sigmoid", "LeakyRelu", "Erf", "HardSwish"])
+def test_non_relu_activation_says_what_to_do(tmp_path, op):
+    nodes = [conv("conv", "x", "c"), helper.make_node(op, ["c"], ["y"], name="the_act")]
+    expect_error(save(tmp_path, nodes, {"w": rand(3, 2, 3, 3)}), "'the_act'", "only ReLU and clipped ReLU", "retrain with ReLU")
+
+
+def test_transposed_input_is_named_as_channels_last(tmp_path):
+    """A channels-last model (Keras, tf2onnx, x.permute(0, 3, 1, 2)) transposes its input first."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]), conv("conv", "t", "y")]
+    path = save(tmp_path, nodes, {"w": rand(3, 2, 3, 3)}, input_shape=(4, 4, 2))
+    expect_error(path, "'to_nchw'", "channels-last", "(N, C, H, W) input")
+
+
+def test_conv_transpose_is_named_as_upsampling(tmp_path):
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])]
+    expect_error(save(tmp_path, nodes, {"w": rand(2, 3, 2, 2)}), "'up'", "(ConvTranspose)", "upsampling")
+
+
 def test_lstm(tmp_path):
     hidden, features = 3, 4
     nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm", hidden_size=hidden)]

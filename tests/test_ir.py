@@ -63,3 +63,15 @@ def test_preprocess_defaults_to_1_over_255_for_uint8_only():
     pre = ir.Preprocess()
     assert pre.apply(np.full((1, 1, 2, 2), 255, np.uint8)).max() == pytest.approx(1.0)
     assert pre.apply(np.full((1, 1, 2, 2), 2.0, np.float32)).max() == pytest.approx(2.0)
+
+
+def test_save_replaces_an_earlier_artifact_but_nothing_else(tmp_path):
+    out = ir.save_graph(_snn(), tmp_path / "a")
+    assert ir.save_graph(_snn(), out) == out  # rebuilt in place
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ToolchainError, match="not a toolchain output"):
+        ir.save_graph(_snn(), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(ToolchainError, match="not a folder"):
+        ir.save_graph(_snn(), tmp_path / "mine" / "notes.txt")

@@ -25,6 +25,8 @@ from toolchain.evaluate import check_input_shape
 log = logging.getLogger(__name__)
 
 ANN_FILE = "ann.onnx"
+ANN_DATA_FILE = "ann.onnx.data"  # only for an ANN too large for one protobuf (2 GiB)
+PROTOBUF_LIMIT = 2**31 - 1
 BUILD_LOG_FILE = "build.json"
 
 
@@ -132,6 +134,33 @@ def _calibration_subset(data: Dataset, size: int) -> Dataset:
 def write_artifact(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> Path:
     if options.out is None:
         raise ToolchainError("no output folder given: pass -o OUT")
-    files = {ANN_FILE: Path(options.model).read_bytes(), BUILD_LOG_FILE: json.dumps(result.log, indent=1).encode()}
+    files = {**ann_files(Path(options.model)), BUILD_LOG_FILE: json.dumps(result.log, indent=1).encode()}
     files.update(extra_files or {})
     return ir.save_graph(result.snn, options.out, files)
+
+
+def ann_files(model: Path, limit: int = PROTOBUF_LIMIT) -> dict[str, bytes]:
+    """The ANN's ONNX file for the artifact, self-contained: weights that the exporter kept in
+    external data files (torch's dynamo exporter does by default) are embedded, or, past the
+    2 GiB protobuf limit, written beside it as `ann.onnx.data`."""
+    import onnx
+    from onnx import external_data_helper
+
+    raw = model.read_bytes()
+    proto = onnx.load_model_from_string(raw)
+    if not any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto)):
+        return {ANN_FILE: raw}
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(model.parent))
+    except Exception as exc:  # noqa: BLE001 - the frontend read the same files a moment ago
+        raise ToolchainError(f"{model}: cannot read its external data ({exc})") from None
+    if proto.ByteSize() < limit:
+        return {ANN_FILE: proto.SerializeToString()}
+    tensors = [t for t in external_data_helper._get_initializer_tensors(proto) if t.HasField("raw_data")]
+    data = bytearray()
+    for tensor in tensors:  # what onnx.save_model does, into memory
+        data.extend(b"\0" * (-len(data) % 4096))
+        external_data_helper.set_external_data(tensor, ANN_DATA_FILE, len(data), len(tensor.raw_data))
+        data.extend(tensor.raw_data)
+        tensor.ClearField("raw_data")
+    return {ANN_FILE: proto.SerializeToString(), ANN_DATA_FILE: bytes(data)}

@@ -26,6 +26,21 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer >= minimum (a batch size of 0, a negative --limit or -T)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_preprocess_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, help="multiply raw inputs by this (default: model metadata, else 1/255 for uint8)")
     parser.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling, e.g. 0.4914,0.4822,0.4465")
@@ -34,7 +49,7 @@ def _add_preprocess_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=_count(1), default=128)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write")
     build.add_argument("--calib", type=Path, help="calibration data (IDX folder, CIFAR folder/.tar.gz, .npz)")
     build.add_argument("--calib-split", default="train", choices=("train", "test"))
-    build.add_argument("--calib-size", type=int, default=1000, help="calibration samples (spread over the split)")
+    build.add_argument("--calib-size", type=_count(0), default=1000, help="calibration samples (spread over the split; 0: all)")
     build.add_argument("--threshold", default="auto", help="auto | ceiling | max | pXX.XX (default auto: ceilings, else p99.99)")
     build.add_argument("--per-channel", action="store_true", help="one threshold per channel instead of per layer")
     build.add_argument(
@@ -58,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial membrane potential: theta/2 (the paper), zero, or optimal: fitted to the ANN per layer "
         "and channel on --calib data at --v0-T steps (best at low T)",
     )
-    build.add_argument("--v0-T", dest="v0_steps", type=int, default=16, help="time steps the optimal v0 search aims at")
+    build.add_argument("--v0-T", dest="v0_steps", type=_count(1), default=16, help="time steps the optimal v0 search aims at")
     build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
-    build.add_argument("-T", "--steps", type=int, default=32, help="time steps for fixed-point checks (lava target)")
+    build.add_argument("-T", "--steps", type=_count(1), default=32, help="time steps for fixed-point checks (lava target)")
     build.add_argument("--data", type=Path, help="test data for --validate and the accuracy summary")
-    build.add_argument("--validate", type=int, default=0, metavar="N", help="lava: compare N samples spike for spike")
+    build.add_argument("--validate", type=_count(0), default=0, metavar="N", help="lava: compare N samples spike for spike")
     build.add_argument("--report", action="store_true", help="also write a report (needs --data)")
     _add_preprocess_flags(build)
     _add_run_flags(build)
@@ -73,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "test"))
     evaluate.add_argument("-T", "--steps", default=DEFAULT_STEPS, help=f"comma-separated time steps (default {DEFAULT_STEPS})")
     evaluate.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
-    evaluate.add_argument("--limit", type=int, help="only the first N samples")
+    evaluate.add_argument("--limit", type=_count(1), help="only the first N samples")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
     evaluate.add_argument(
@@ -92,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("md", "json", "html"), help="default: from -o's suffix, else md")
     report.add_argument("-o", "--out", type=Path, help="file to write (needed for html; md writes its plots beside it)")
     report.add_argument("--energy-model", type=Path, help="JSON or TOML file overriding energy constants")
-    report.add_argument("--limit", type=int, help="only the first N samples")
+    report.add_argument("--limit", type=_count(1), help="only the first N samples")
     report.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
     _add_preprocess_flags(report)
     _add_run_flags(report)
@@ -111,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_build(args: argparse.Namespace) -> int:
     from toolchain.build import BuildOptions, build_snn, write_artifact
     from toolchain.data import load_dataset
+    from toolchain.fileio import check_replaceable
+    from toolchain.ir import GRAPH_FILE
 
     options = BuildOptions(
         model=args.model,
@@ -137,6 +154,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
     if args.target == "lava":
         import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
+    check_replaceable(args.out, GRAPH_FILE)  # before any work: -o must not name the user's own files
     # Read the test data before anything is written: a bad --data path must leave no artifact behind.
     test = load_dataset(args.data, "test") if args.data is not None else None
     result = build_snn(options)

@@ -79,12 +79,19 @@ def parse_steps(text: str) -> list[int]:
 
 def check_input_shape(dataset: Dataset, input_shape: tuple[int, ...], source: str) -> None:
     sample_shape = tuple(dataset.x.shape[1:])
-    if sample_shape != tuple(input_shape):
-        if int(np.prod(sample_shape)) == int(np.prod(input_shape)):
-            return  # e.g. (1, 28, 28) images for a (784,) MLP input: reshaped on the fly
-        raise ToolchainError(
-            f"{dataset.source}: samples have shape {sample_shape} but {source} expects {tuple(input_shape)}"
-        )
+    if sample_shape == tuple(input_shape):
+        return
+    same_size = int(np.prod(sample_shape)) == int(np.prod(input_shape))
+    if same_size and (len(input_shape) == 1 or _squeezed(sample_shape) == _squeezed(input_shape)):
+        return  # (1, 28, 28) images for a (784,) MLP input, or unit dimensions: reshaped on the fly
+    hint = ""
+    if len(sample_shape) == 3 and sample_shape == (*input_shape[1:], input_shape[0]):
+        hint = "; they look channels-last (N, H, W, C): give images as (N, C, H, W)"
+    raise ToolchainError(f"{dataset.source}: samples have shape {sample_shape} but {source} expects {tuple(input_shape)}{hint}")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
 
 
 def evaluate(

@@ -22,12 +22,29 @@ def _umask() -> int:
     return current
 
 
-def atomic_directory(target: Path, files: dict[str, bytes]) -> Path:
+def check_replaceable(target: Path, marker: str) -> None:
+    """Refuse an output path whose replacement would destroy something that is not ours: only a
+    missing path, an empty folder or an earlier output (a folder holding `marker`) may be replaced."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise ToolchainError(f"{target}: exists and is not a folder; choose another output folder")
+    if any(target.iterdir()) and not (target / marker).is_file():
+        raise ToolchainError(
+            f"{target}: a folder that is not a toolchain output (no {marker}) and would be replaced; "
+            "choose a new or empty folder"
+        )
+
+
+def atomic_directory(target: Path, files: dict[str, bytes], marker: str) -> Path:
     """Write `files` into a fresh directory and move it to `target` only when complete.
 
-    An existing `target` is replaced, so a failed build never leaves half an artifact.
+    An existing `target` is replaced, so a failed build never leaves half an artifact; only
+    an empty folder or an earlier output, which holds `marker`, is (`check_replaceable`).
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." has no name to stage beside
+    check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -210,6 +210,12 @@ class Preprocess:
         """Raw batch (N, C, H, W) or (N, F) -> float32 network input."""
         scale = self.scale if self.scale is not None else (1 / 255 if x.dtype == np.uint8 else 1.0)
         x = x.astype(np.float32) * np.float32(scale)
+        channels = x.shape[1] if x.ndim > 1 else 1
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ToolchainError(
+                    f"--{key}: {len(values)} values for samples with {channels} channel(s); give one per channel or one for all"
+                )
         channel_shape = (1, -1) + (1,) * (x.ndim - 2)
         mean = np.asarray(self.mean, np.float32).reshape(channel_shape)
         std = np.asarray(self.std, np.float32).reshape(channel_shape)
@@ -332,7 +338,7 @@ def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes
 
     files = pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
     files.update(extra_files or {})
-    return atomic_directory(Path(directory), files)
+    return atomic_directory(Path(directory), files, GRAPH_FILE)
 
 
 def load_graph(directory: str | Path) -> Graph:

@@ -699,7 +699,7 @@ def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
 def save_fixed(fixed: FixedGraph, directory: str | Path) -> Path:
     """Write a FixedGraph into its own directory (atomically)."""
 
-    return atomic_directory(Path(directory), fixed_files(fixed))
+    return atomic_directory(Path(directory), fixed_files(fixed), FIXED_GRAPH_FILE)
 
 
 def has_fixed(directory: str | Path) -> bool:

@@ -114,7 +114,7 @@ class _Loader:
             if not any(name in dynamic for name in node.input) or node.op_type in ("Shape", "Size"):
                 continue
             if node.op_type not in HANDLERS:
-                self.fail_node(node, names[id(node)], f"unsupported op type {node.op_type!r}; {_supported()}")
+                self.fail_node(node, names[id(node)], _unsupported(node, graph))
             dynamic.update(name for name in node.output if name)
 
     @staticmethod
@@ -203,7 +203,7 @@ class _Loader:
             self.fail(f"output {output.name!r} does not depend on the input {value.name!r}")
         for node in remaining:
             if node.op_type not in HANDLERS:
-                self.fail_node(node, names[id(node)], f"unsupported op type {node.op_type!r}; {_supported()}")
+                self.fail_node(node, names[id(node)], _unsupported(node, graph))
         used = {name for node in remaining for name in node.input if name in known}
         for node in remaining:
             for name in node.input:
@@ -346,6 +346,25 @@ class _Loader:
         producer = f"{model.producer_name} {model.producer_version}".strip()
         extra = {p.key: p.value for p in model.metadata_props if p.key.startswith("toolchain.") and p.key != PREPROCESS_KEY}
         return {"source": str(self.path), "opset": opset, "producer": producer, "onnx_metadata": extra}
+
+
+NON_SPIKING = {
+    "Sigmoid", "Tanh", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "HardSigmoid", "HardSwish", "Softplus",
+    "Softsign", "Mish", "ThresholdedRelu", "Exp", "Log", "Sqrt", "Pow", "Abs", "Sin", "Cos", "Tan",
+}  # fmt: skip
+UPSAMPLING = {"ConvTranspose", "Resize", "Upsample", "DepthToSpace"}
+
+
+def _unsupported(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
+    """Why an op without a handler is refused, with what to do where that is known."""
+    hint = ""
+    if node.op_type in NON_SPIKING:
+        hint = " (IF neurons express only ReLU and clipped ReLU, Clip(x, 0, c): retrain with ReLU)"
+    elif node.op_type in UPSAMPLING:
+        hint = " (upsampling: the IR and the Loihi synapses have no transposed convolution or resize)"
+    elif node.op_type == "Transpose" and any(name == value.name for name in node.input for value in graph.input):
+        hint = " on the model's input (channels-last (N, H, W, C) input?): export the model with an (N, C, H, W) input"
+    return f"unsupported op type {node.op_type!r}{hint}; {_supported()}"
 
 
 def _supported() -> str:
