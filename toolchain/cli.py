@@ -207,6 +207,9 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
     print(f"  SNN float (torch)        {100 * runs['torch'].snn_accuracy()[args.steps]:6.2f} %")
     if "loihi" in runs:
         print(f"  SNN fixed point (loihi)  {100 * runs['loihi'].snn_accuracy()[args.steps]:6.2f} %")
+    hint = accuracy_hint(args, ann_accuracy - runs["torch"].snn_accuracy()[args.steps], result.log["layers"])
+    if hint:
+        print(hint)
     status = 0
     if args.validate:
         from targets.lava.runner import validate
@@ -227,6 +230,25 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
         path = out / "report.html"
         print(f"report: {path} (also report.md, report.json)")
     return status
+
+
+# An SNN this far below its ANN (points of accuracy) at the build's T gets the hint below.
+HINT_GAP_POINTS = 1.0
+
+
+def accuracy_hint(args: argparse.Namespace, gap: float, layers: list[dict[str, Any]]) -> str | None:
+    """What to try when the float SNN lags its ANN at the build's T: the conversion options not used yet."""
+    if 100 * gap <= HINT_GAP_POINTS:
+        return None
+    tries = []
+    if args.v0 != "optimal":
+        tries.append(f"--v0 optimal --v0-T {args.steps} (fits v0 to the ANN at this T)")
+    if not args.per_channel:
+        tries.append("--per-channel (one threshold per channel: batch-normalised models often need it)")
+    if any(layer["source"] == "ceiling" for layer in layers) and args.threshold in ("auto", "ceiling"):
+        tries.append("--threshold p99.99 --calib DATA (if the clip ceilings are fixed, like ReLU6, not trained)")
+    advice = "; ".join(tries) if tries else "a larger -T, or retraining with clipped ReLU (python -m models.train)"
+    return f"hint: the SNN is {100 * gap:.1f} points below the ANN at T={args.steps}; try {advice}"
 
 
 def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
