@@ -2,7 +2,7 @@
 # The accuracy-latency tables in the README, one bench/accuracy_latency.py run per model
 # (CPU; about 15 minutes each on one loaded core). Pass model names to run only those.
 #
-#   bash bench/accuracy_all.sh [mnist_cnn_default fmnist_cnn_clip fmnist_vgg_clip qcfs_fmnist_vgg_qcfs8 thirdparty ...]
+#   bash bench/accuracy_all.sh [mnist_cnn_default fmnist_cnn_clip fmnist_vgg_clip qcfs_fmnist_vgg_qcfs8 cifar10_vgg_clip ...]
 #
 # Environment: PYTHON (default .venv/bin/python), DATA (default ../shared/data).
 set -euo pipefail
@@ -23,6 +23,9 @@ run() {
         bench --model models/zoo/fmnist_vgg_qcfs8.onnx --data "$DATA/fashion-mnist" \
             --out bench/results/qcfs_fmnist_vgg_qcfs8 --other-limit 2000 \
             --methods ceiling/zero ceiling/half ceiling/optimal ;;
+    cifar10_vgg_clip)
+        bench --model models/zoo/cifar10_vgg_clip.onnx --data "$DATA/cifar10" --out bench/results/cifar10_vgg_clip \
+            --other-limit 2000 -T 1,2,4,8,16,32,64 ;;
     thirdparty)
         bench --model models/zoo/thirdparty_lenet_relu_maxpool_fmnist.onnx --data "$DATA/fashion-mnist" \
             --out bench/results/thirdparty_lenet_relu_maxpool --other-limit 1000 ;;
@@ -34,7 +37,8 @@ run() {
 }
 
 models=("$@")
-[ ${#models[@]} -gt 0 ] || models=(mnist_cnn_default fmnist_cnn_clip fmnist_vgg_clip qcfs_fmnist_vgg_qcfs8 thirdparty thirdparty_avgpool)
+[ ${#models[@]} -gt 0 ] || models=(mnist_cnn_default fmnist_cnn_clip fmnist_vgg_clip qcfs_fmnist_vgg_qcfs8 cifar10_vgg_clip
+    thirdparty thirdparty_avgpool)
 for model in "${models[@]}"; do
     run "$model"
 done

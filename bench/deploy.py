@@ -45,6 +45,7 @@ MODELS = {
     "fmnist_cnn_clip": (ROOT / "models" / "zoo" / "fmnist_cnn_clip.onnx", SHARED / "fashion-mnist"),
     "fmnist_vgg_clip": (ROOT / "models" / "zoo" / "fmnist_vgg_clip.onnx", SHARED / "fashion-mnist"),
     "fmnist_vgg_qcfs8": (ROOT / "models" / "zoo" / "fmnist_vgg_qcfs8.onnx", SHARED / "fashion-mnist"),
+    "cifar10_vgg_clip": (ROOT / "models" / "zoo" / "cifar10_vgg_clip.onnx", SHARED / "cifar10"),
 }
 
 
