@@ -20,12 +20,15 @@ from models import ARCHS, QCFS, ClipReLU, build, make_act
 from models.arch import DEFAULT_INPUT_SIZE
 from models.train import load_checkpoint
 from models.train import main as train_main
+from tests.conftest import shared_data
+from toolchain.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 CALIB = MODELS / "data" / "mnist-calib.npz"
 PRE = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
-ZOO = ("fmnist_vgg_clip", "fmnist_vgg_qcfs8", "fmnist_cnn_clip")
+ZOO = ("fmnist_vgg_clip", "fmnist_vgg_qcfs8", "fmnist_cnn_clip", "cifar10_vgg_clip")
+ZOO_INPUT = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 @pytest.fixture(autouse=True)
@@ -261,8 +264,6 @@ def test_export_cli_missing_weights(tmp_path, capsys):
 
 
 def test_default_mnist_model_is_shipped_and_accurate():
-    from toolchain.data import load_dataset
-
     path = MODELS / "mnist_cnn.onnx"
     assert path.stat().st_size < 2_000_000
     info = json.loads((MODELS / "mnist_cnn.json").read_text())
@@ -286,11 +287,21 @@ def test_zoo_models(name):
     path = MODELS / "zoo" / f"{name}.onnx"
     assert path.stat().st_size < 3_000_000
     info = json.loads(path.with_suffix(".json").read_text())
-    assert info["dataset"] == "fashion-mnist" and info["test_accuracy"] > 0.85
+    assert info["test_accuracy"] > (0.85 if info["dataset"] == "fashion-mnist" else 0.8)
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["toolchain.activation"] == info["act"] and meta["toolchain.levels"] == str(info["levels"])
-    out = _session(path).run(None, {"input": np.zeros((2, 1, 28, 28), np.float32)})[0]
+    assert len(json.loads(meta["toolchain.preprocess"])["mean"]) == ZOO_INPUT[info["dataset"]][0]
+    out = _session(path).run(None, {"input": np.zeros((2, *ZOO_INPUT[info["dataset"]]), np.float32)})[0]
     assert out.shape == (2, 10)
+
+
+def test_cifar10_zoo_model_classifies_real_test_images():
+    """The CPU-trained CIFAR-10 model through its own metadata preprocessing, on the JPEG test split."""
+    path = MODELS / "zoo" / "cifar10_vgg_clip.onnx"
+    pre = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["toolchain.preprocess"])
+    test = load_dataset(shared_data("cifar10"), "test").subset(500)  # 50 of each class
+    logits = _session(path).run(None, {"input": onnx_export_module.apply_preprocess(test.x, pre)})[0]
+    assert float(np.mean(logits.argmax(1) == test.y)) > 0.75  # 81.43 % on all 10,000
 
 
 def test_thirdparty_model_has_no_metadata():
