@@ -148,7 +148,8 @@ def ann_files(model: Path, limit: int = PROTOBUF_LIMIT) -> dict[str, bytes]:
 
     raw = model.read_bytes()
     proto = onnx.load_model_from_string(raw)
-    if not any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto)):
+    # Initializers are where exporters put external data (public API; the frontend reads no subgraphs).
+    if not any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         return {ANN_FILE: raw}
     try:
         external_data_helper.load_external_data_for_model(proto, str(model.parent))
@@ -156,7 +157,7 @@ def ann_files(model: Path, limit: int = PROTOBUF_LIMIT) -> dict[str, bytes]:
         raise ToolchainError(f"{model}: cannot read its external data ({exc})") from None
     if proto.ByteSize() < limit:
         return {ANN_FILE: proto.SerializeToString()}
-    tensors = [t for t in external_data_helper._get_initializer_tensors(proto) if t.HasField("raw_data")]
+    tensors = [t for t in proto.graph.initializer if t.HasField("raw_data")]
     data = bytearray()
     for tensor in tensors:  # what onnx.save_model does, into memory
         data.extend(b"\0" * (-len(data) % 4096))
