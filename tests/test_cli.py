@@ -173,6 +173,14 @@ def test_thresholds_from_data_need_calibration_data(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_the_fixed_point_targets_cannot_lower_is_named_with_the_fix(tmp_path):
+    model = ROOT / "models" / "zoo" / "thirdparty_lenet_relu_maxpool_fmnist.onnx"
+    out = tmp_path / "o"
+    result = toolchain("build", model, "--target", "loihi", "--calib", CALIB, "--calib-size", "64", "-o", out)
+    assert_clean_failure(result, str(model), "max-pool", "--maxpool avg")
+    assert not out.exists()
+
+
 def test_bad_test_data_path_leaves_no_artifact(tmp_path):
     out = tmp_path / "o"
     assert_clean_failure(toolchain("build", DEFAULT_MODEL, "--data", tmp_path / "nowhere", "-o", out), "nowhere")

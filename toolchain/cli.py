@@ -163,7 +163,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.target in ("loihi", "lava"):
         from toolchain.quantize import fixed_files, quantize
 
-        fixed = quantize(result.snn)
+        try:
+            fixed = quantize(result.snn)
+        except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
+            raise ToolchainError(f"{args.model}: {exc} (--target {args.target})") from None
         extra_files = fixed_files(fixed)
         result.log["fixed_point"] = fixed.report()
     out = write_artifact(result, options, extra_files)
