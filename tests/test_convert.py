@@ -5,7 +5,14 @@ import torch
 from targets.torch.simulator import TorchExecutor, make_target, run_ann
 from tests.conftest import ROOT, make_ann, shared_data
 from toolchain import ir
-from toolchain.calibrate import V0_MAX_SAMPLES, ThresholdSpec, compute_thresholds, optimise_v0, v0_samples
+from toolchain.calibrate import (
+    V0_MAX_SAMPLES,
+    ThresholdSpec,
+    activations,
+    compute_thresholds,
+    optimise_v0,
+    v0_samples,
+)
 from toolchain.convert import ConversionOptions, ann_view, convert, replace_maxpool
 from toolchain.errors import ToolchainError
 
@@ -84,6 +91,26 @@ def test_ceiling_thresholds_need_ceilings():
         compute_thresholds(make_ann(ceiling=None), ThresholdSpec("ceiling"))
     with pytest.raises(ToolchainError, match="--calib"):
         compute_thresholds(make_ann(ceiling=None), ThresholdSpec("auto"))
+
+
+def test_auto_keeps_reached_ceilings_and_replaces_fixed_ones(inputs):
+    """`auto`: a clip ceiling the calibration data reaches is a trained one (the paper's theta); one it
+    never reaches (ReLU6's 6, here 1000) gives way to per-channel p99.99; without data, ceilings stay."""
+    batches = [inputs[:30], inputs[30:]]
+    tight = compute_thresholds(make_ann(ceiling=0.05), ThresholdSpec("auto"), batches, len(inputs), "cpu")
+    assert set(tight.source.values()) == {"ceiling"}
+    assert all(np.all(v == np.float32(0.05)) for v in tight.values.values())
+    loose_ann = make_ann(ceiling=1000.0)
+    loose = compute_thresholds(loose_ann, ThresholdSpec("auto"), batches, len(inputs), "cpu")
+    per_channel = compute_thresholds(loose_ann, ThresholdSpec("percentile", 99.99, True), batches, len(inputs), "cpu")
+    for node in activations(loose_ann):
+        assert loose.source[node.name] == "p99.99 per channel (ceiling 1000 not reached)"
+        assert loose.values[node.name].shape == (node.shape[0],)
+        np.testing.assert_array_equal(loose.values[node.name], per_channel.values[node.name])
+    without_data = compute_thresholds(loose_ann, ThresholdSpec("auto"))
+    assert set(without_data.source.values()) == {"ceiling"}
+    plain = compute_thresholds(make_ann(ceiling=None), ThresholdSpec("auto"), batches, len(inputs), "cpu")
+    assert set(plain.source.values()) == {"p99.99 per channel"}
 
 
 def test_v0_modes_and_readout(inputs):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds, needs_data, optimise_v0
+from toolchain.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
 from toolchain.convert import ConversionOptions, convert, replace_maxpool
 from toolchain.data import Dataset, load_dataset
 from toolchain.errors import ToolchainError
@@ -88,7 +88,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
     ann = load_ann(options)
     spec = ThresholdSpec.parse(options.threshold, options.per_channel)
     data: Dataset | None = None
-    if options.calib is not None and (needs_data(ann, spec) or options.v0 == "optimal"):
+    if options.calib is not None and (uses_data(ann, spec) or options.v0 == "optimal"):
         data = _calibration_subset(load_dataset(options.calib, options.calib_split), options.calib_size)
     elif options.v0 == "optimal":
         raise ToolchainError("--v0 optimal searches initial potentials on data: pass --calib DATA")
@@ -114,6 +114,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
                 "threshold_max": float(n.threshold.max()),
                 "v0_fraction": float(np.mean(n.v0 / n.threshold)),
                 "source": thresholds.source.get(n.name, ""),
+                "silent_channels": thresholds.silent_channels.get(n.name, 0),
             }
             for n in snn.nodes
             if isinstance(n, ir.IFNeuron)

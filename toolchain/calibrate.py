@@ -4,7 +4,10 @@ Thresholds (`--threshold`):
   ceiling  the trained activation ceiling of a clipped ReLU (theta = lambda, Bu et al. 2022)
   max      the largest activation seen on the calibration set
   pXX.XX   a high percentile of the activations on the calibration set (robust to outliers)
-  auto     the ceiling where the ANN has one, p99.99 elsewhere
+  auto     the trained ceiling where the ANN has one, else p99.99 of each channel: a clipped
+           ReLU's ceiling counts as trained when calibration data reaches it (at least
+           0.01 % of the layer's activations sit at it); a fixed one that is never reached
+           (ReLU6's 6) is replaced by the channels' p99.99. QCFS ceilings are always kept.
 
 Percentiles are exact and memory-bounded: for each layer we keep only the top-k values
 seen so far, where k is the number of values above the percentile in the whole set.
@@ -60,17 +63,31 @@ class ThresholdSpec:
 class Thresholds:
     values: dict[str, np.ndarray]  # activation node name -> theta, shape (1,) or (C,)
     source: dict[str, str] = field(default_factory=dict)  # node name -> how it was obtained
+    silent_channels: dict[str, int] = field(default_factory=dict)  # never active on the calibration data
 
 
 def activations(graph: ir.Graph) -> list[ir.Relu]:
     return [n for n in graph.nodes if isinstance(n, ir.Relu)]
 
 
-def needs_data(graph: ir.Graph, spec: ThresholdSpec) -> bool:
+# `auto` takes per-channel percentiles where there is no trained ceiling: one threshold per layer
+# leaves the many channels of a batch-normalised network whose activations stay far below the
+# layer's largest ones spiking in steps of theta/T, i.e. rarely or never at low T
+# (bench/own_models.py: a ResNet-style model at 9 % vs 84 % at T=8, v0 = theta/2).
+AUTO_PERCENTILE = 99.99
+
+
+def _ceiling_is_kept(node: ir.Relu) -> bool:
+    """QCFS ceilings and per-channel ceilings are trained by construction; a scalar clip is tested on data."""
+    return node.ceiling is not None and (node.levels > 0 or np.asarray(node.ceiling).size > 1)
+
+
+def uses_data(graph: ir.Graph, spec: ThresholdSpec) -> bool:
+    """Whether the thresholds use calibration data when it is given."""
     if spec.method == "ceiling":
         return False
     if spec.method == "auto":
-        return any(n.ceiling is None for n in activations(graph))
+        return not all(_ceiling_is_kept(n) for n in activations(graph))
     return True
 
 
@@ -82,13 +99,12 @@ def compute_thresholds(
     device: str = "auto",
 ) -> Thresholds:
     """theta for every `Relu` of the ANN graph; `batches` are preprocessed calibration inputs."""
+    if spec.method == "auto":
+        return _auto_thresholds(graph, batches, num_samples, device)
     result = Thresholds({})
     data_layers: list[ir.Relu] = []
     for node in activations(graph):
-        use_ceiling = spec.method == "ceiling" or (spec.method == "auto" and node.ceiling is not None)
-        if node.levels > 0 and spec.method == "auto":
-            use_ceiling = True
-        if use_ceiling:
+        if spec.method == "ceiling":
             if node.ceiling is None:
                 raise ToolchainError(
                     f"node {node.name!r} (Relu) has no trained ceiling, so --threshold ceiling cannot apply; "
@@ -99,24 +115,69 @@ def compute_thresholds(
         else:
             data_layers.append(node)
     if data_layers:
-        if batches is None:
-            names = ", ".join(n.name for n in data_layers[:3])
-            raise ToolchainError(
-                f"activations {names} have no trained ceiling: thresholds need calibration data; pass --calib DATA"
-            )
+        _require_data(data_layers, batches, f"--threshold {spec.describe()} takes thresholds from data")
+        assert batches is not None
         percentile = 100.0 if spec.method == "max" else spec.percentile
         stats = _percentile_thresholds(graph, data_layers, batches, num_samples, percentile, spec.per_channel, device)
         label = "max" if percentile >= 100 else f"p{percentile:g}"
         for node in data_layers:
             result.values[node.name] = stats[node.name]
             result.source[node.name] = label + (" per channel" if spec.per_channel else "")
+    return _checked(result)
+
+
+def _auto_thresholds(
+    graph: ir.Graph, batches: Iterable[np.ndarray] | None, num_samples: int, device: str
+) -> Thresholds:
+    """`--threshold auto`: trained ceilings where calibration data confirms them, else p99.99 per channel."""
+    result = Thresholds({})
+    clipped = [n for n in activations(graph) if n.ceiling is not None]
+    plain = [n for n in activations(graph) if n.ceiling is None]
+    if plain:
+        _require_data(plain, batches, "they have no trained ceiling")
+    batches = list(batches) if batches is not None else None
+    unreached: dict[str, float] = {}  # clipped layer -> its p99.99, below the ceiling
+    testable = [n for n in clipped if not _ceiling_is_kept(n)]
+    if batches is not None and testable:
+        layer_stats = _percentile_thresholds(graph, testable, batches, num_samples, AUTO_PERCENTILE, False, device)
+        for node in testable:
+            reached = float(layer_stats[node.name].max())
+            if reached < float(np.asarray(node.ceiling).max()) * (1 - 1e-6):
+                unreached[node.name] = reached
+    for node in clipped:
+        if node.name not in unreached:
+            result.values[node.name] = np.asarray(node.ceiling, np.float32).reshape(-1)
+            result.source[node.name] = "ceiling"
+    data_layers = plain + [n for n in clipped if n.name in unreached]
+    if data_layers:
+        assert batches is not None
+        stats = _percentile_thresholds(graph, data_layers, batches, num_samples, AUTO_PERCENTILE, True, device)
+        for node in data_layers:
+            result.values[node.name] = stats[node.name]
+            result.source[node.name] = f"p{AUTO_PERCENTILE:g} per channel"
+            if node.name in unreached:
+                ceiling = float(np.asarray(node.ceiling).max())
+                result.source[node.name] += f" (ceiling {ceiling:.4g} not reached)"
+    order = [n.name for n in activations(graph)]
+    return _checked(Thresholds({k: result.values[k] for k in order}, {k: result.source[k] for k in order}))
+
+
+def _require_data(layers: list[ir.Relu], batches: Iterable[np.ndarray] | None, why: str) -> None:
+    if batches is None:
+        names = ", ".join(n.name for n in layers[:3])
+        raise ToolchainError(f"activations {names}: {why}, so thresholds need calibration data; pass --calib DATA")
+
+
+def _checked(result: Thresholds) -> Thresholds:
+    """Refuses non-finite thresholds; a channel never active on the calibration data gets the layer's largest."""
     for name, theta in result.values.items():
         if not np.all(np.isfinite(theta)):
             raise ToolchainError(f"node {name!r}: calibration produced a non-finite threshold; check the data")
         if np.any(theta <= 0):
-            # A channel that never activates on the calibration set never needs to fire.
+            # A channel that never activates on the calibration set never needs to fire. Common with
+            # per-channel thresholds (dead ReLU channels), so said in the layer's source, not as a warning.
             top = float(theta.max()) if theta.max() > 0 else 1.0
-            log.warning("node %s: %d channel(s) never active on calibration data", name, int((theta <= 0).sum()))
+            result.silent_channels[name] = int((theta <= 0).sum())
             result.values[name] = np.where(theta > 0, theta, top).astype(np.float32)
     return result
 

@@ -172,9 +172,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = write_artifact(result, options, extra_files)
     print(f"wrote {out} ({len(result.snn.nodes)} nodes, target {args.target})")
     for layer in result.log["layers"]:
+        silent = layer.get("silent_channels", 0)
+        source = layer["source"] + (f"; {silent} channels never active on the calibration data" if silent else "")
         print(
             f"  {layer['name']:<28} theta {layer['threshold_min']:.4g}..{layer['threshold_max']:.4g}"
-            f"  v0 {layer['v0_fraction']:.2f} theta  ({layer['source']})"
+            f"  v0 {layer['v0_fraction']:.2f} theta  ({source})"
         )
     if fixed is not None:
         print("fixed point (8-bit weight mantissas, 24-bit membrane):")
