@@ -43,6 +43,7 @@ def atomic_directory(target: Path, files: dict[str, bytes], marker: str) -> Path
     An existing `target` is replaced, so a failed build never leaves half an artifact; only
     an empty folder or an earlier output, which holds `marker`, is (`check_replaceable`).
     """
+    given = Path(target)  # returned as the caller named it
     target = Path(os.path.abspath(target))  # "." has no name to stage beside
     check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def atomic_directory(target: Path, files: dict[str, bytes], marker: str) -> Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+    return given
 
 
 def atomic_file(target: Path, data: bytes) -> Path:
