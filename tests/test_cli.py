@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,41 @@ def test_a_build_far_below_its_ann_says_what_to_try(tmp_path):
                       "--threshold", "p99.99")  # fmt: skip
     assert tried.returncode == 0, tried.stderr
     assert "hint: " not in tried.stdout  # the advice works: 98.64 % at T=2 (ANN 99.02 %)
+
+
+def test_a_channels_last_model_builds_for_loihi_and_its_ann_reads_the_same_images(tmp_path):
+    """A Keras-style (N, H, W, C) model: the IR and the data readers stay channels-first, onnxruntime
+    gets the images transposed back; the ANN accuracy eval reports is the torch module's on NHWC images."""
+    import torch
+    from torch import nn
+
+    from toolchain.data import load_dataset
+
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool, self.fc = nn.Conv2d(1, 4, 5, padding=2), nn.AvgPool2d(4), nn.Linear(4 * 7 * 7, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.pool(torch.relu(self.conv(x.permute(0, 3, 1, 2))))
+            return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+
+    torch.manual_seed(0)
+    module, model = ChannelsLast().eval(), tmp_path / "nhwc.onnx"
+    batch_axes = {"input": {0: "n"}, "logits": {0: "n"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(module, (torch.zeros(1, 28, 28, 1),), str(model), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=batch_axes)  # fmt: skip
+    out = tmp_path / "o"
+    built = toolchain("build", model, "--target", "loihi", "--calib", CALIB, "--calib-size", "64", "-o", out)
+    assert built.returncode == 0, built.stderr
+    result = toolchain("eval", out, "--data", EMBEDDED_MNIST, "-T", "8", "--limit", "200", "--target", "loihi", "--json")
+    assert result.returncode == 0, result.stderr
+    test = load_dataset(EMBEDDED_MNIST, "test").subset(200)
+    with torch.inference_mode():
+        logits = module(torch.tensor(test.x, dtype=torch.float32).div(255).permute(0, 2, 3, 1)).numpy()
+    assert json.loads(result.stdout)["ann_accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == test.y)))
 
 
 def _external_data_copy(folder: Path) -> Path:

@@ -689,3 +689,58 @@ def test_frontend_does_not_import_torch():
     code = "import sys, toolchain.frontend; assert 'torch' not in sys.modules, 'torch imported'"
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ------------------------------------------------------------------ channels-last models
+
+
+class ChannelsLastCNN(nn.Module):
+    """What a Keras model looks like through tf2onnx, written in torch: (N, H, W, C) in, transposed to
+    channels-first, and back to channels-last before flattening into the classifier."""
+
+    def __init__(self, flatten: str = "channels_last") -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(5 * 4 * 3, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x.permute(0, 3, 1, 2))))
+        x = torch.relu(self.conv2(x))
+        if self.flatten == "channels_last":
+            x = x.permute(0, 2, 3, 1)
+        elif self.flatten == "cancelled":
+            x = x.permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("flatten", ["channels_last", "channels_first", "cancelled"])
+def test_channels_last_models_take_channels_first_images(tmp_path, flatten):
+    """The IR drops the input Transpose (it takes (C, H, W)) and reorders the classifier's columns for a
+    channels-last flatten; the ANN reference transposes the images back for onnxruntime."""
+    from toolchain.reference import OnnxReference
+
+    module = ChannelsLastCNN(flatten).eval()
+    path = export(tmp_path, module, (8, 6, 3))
+    graph = load_onnx(path)
+    assert graph.input_shape == (3, 8, 6) and graph.meta["input_layout"] == "NHWC"
+    assert ops(graph) == ["conv2d", "relu", "avgpool2d", "conv2d", "relu", "flatten", "linear"]
+    x = rand(4, 3, 8, 6)
+    with torch.inference_mode():
+        expected = module(torch.as_tensor(x).permute(0, 2, 3, 1)).numpy()
+    np.testing.assert_allclose(run_ann(graph, x, device="cpu"), expected, atol=1e-5)
+    np.testing.assert_allclose(OnnxReference(path)(x), expected, atol=1e-5)
+
+
+def test_channels_last_values_other_than_a_flatten_into_a_classifier_are_refused(tmp_path):
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["t"], ["y"], name="relu_nhwc"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # fmt: skip
+    path = tmp_path / "nhwc_relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    with pytest.raises(ToolchainError, match=r"'relu_nhwc'.*channels-last .*Gemm/MatMul classifier") as info:
+        load_onnx(path)
+    assert str(path) in str(info.value)

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from toolchain.errors import ToolchainError
+from toolchain.frontend.layout import channels_last_input
 
 
 class OnnxReference:
@@ -25,11 +27,16 @@ class OnnxReference:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ToolchainError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.input = self.session.get_inputs()[0]
+        # A channels-last model gets the (N, C, H, W) images every reader here produces as (N, H, W, C).
+        model = onnx.load(str(path), load_external_data=False)
+        self.channels_last = channels_last_input(model.graph, self.input.name) is not None
         batch_dim = self.input.shape[0] if self.input.shape else None
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32)
+        if self.channels_last:
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         if self.fixed_batch in (None, len(x)):
             return self.session.run(None, {self.input.name: x})[0]
         size = self.fixed_batch

@@ -20,6 +20,7 @@ import onnx
 from toolchain import ir
 from toolchain.errors import ToolchainError
 from toolchain.frontend.folding import fold_constants, initializer_arrays
+from toolchain.frontend.layout import channels_last_input
 from toolchain.frontend.ops import HANDLERS, PSEUDO, SUPPORTED_OPS, Builder
 from toolchain.frontend.passes import Net, fold_affines, lower_elementwise, merge_elementwise, prune
 
@@ -262,6 +263,12 @@ class _Loader:
                 use_counts[name] = use_counts.get(name, 0) + 1
         builder = Builder(self.where, known, shapes, batch, use_counts, output.name, reserved={value.name})
         builder.values[value.name] = value.name
+        input_shape = tuple(shapes[value.name] or ())[1:]
+        to_channels_first = channels_last_input(model.graph, value.name)
+        if to_channels_first is not None:  # a channels-last model: the IR takes (C, H, W) images
+            builder.values[to_channels_first.output[0]] = value.name
+            input_shape = tuple(shapes[to_channels_first.output[0]] or ())[1:]
+            nodes = [node for node in nodes if node is not to_channels_first]
         for node in nodes:
             builder.node, builder.node_name = node, names[id(node)]
             try:
@@ -274,7 +281,6 @@ class _Loader:
             self.fail(f"output {output.name!r} is produced by a Pad node; Pad is supported only before Conv or pooling")
         if output.name not in builder.values:
             self.fail(f"output {output.name!r} is not produced by a supported node")
-        input_shape = tuple(shapes[value.name] or ())[1:]
         net = Net(value.name, input_shape, builder.nodes, builder.values[output.name])
         if net.output == value.name:
             self.fail(f"output {output.name!r} is the input itself; the model has no layers")
@@ -291,7 +297,8 @@ class _Loader:
             self.fail(f"internal error while simplifying the graph ({type(exc).__name__}: {_one_line(exc)})")
         if net.output == value.name:
             self.fail(f"output {output.name!r} is the input up to element-wise identities; the model has no layers")
-        result = ir.Graph(value.name, input_shape, net.nodes, net.output, self.preprocess(model, input_shape), self.meta(model))
+        meta = self.meta(model) | ({"input_layout": "NHWC"} if to_channels_first is not None else {})
+        result = ir.Graph(value.name, input_shape, net.nodes, net.output, self.preprocess(model, input_shape), meta)
         self.verify(result, expected, shapes.get(output.name))
         return result
 
@@ -362,8 +369,6 @@ def _unsupported(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
         hint = " (IF neurons express only ReLU and clipped ReLU, Clip(x, 0, c): retrain with ReLU)"
     elif node.op_type in UPSAMPLING:
         hint = " (upsampling: the IR and the Loihi synapses have no transposed convolution or resize)"
-    elif node.op_type == "Transpose" and any(name == value.name for name in node.input for value in graph.input):
-        hint = " on the model's input (channels-last (N, H, W, C) input?): export the model with an (N, C, H, W) input"
     return f"unsupported op type {node.op_type!r}{hint}; {_supported()}"
 
 

@@ -18,6 +18,7 @@ import onnx
 
 from toolchain import ir
 from toolchain.errors import ToolchainError
+from toolchain.frontend.layout import TO_CHANNELS_FIRST, TO_CHANNELS_LAST, channels_last_columns, transpose_perm
 from toolchain.frontend.patterns import Clamp, Elementwise, Floor, Scale, Token
 
 Shape = tuple[int, ...]
@@ -55,6 +56,10 @@ class Builder:
         self.graph_output = graph_output
         self.values: dict[str, str] = {}  # ONNX tensor name -> IR node name
         self.pads: dict[str, PendingPad] = {}
+        # Channels-last detours (see `layout`): ONNX values transposed to (N, H, W, C), and those
+        # flattened in (H, W, C) order, each as (IR name of the channels-first value, its (C, H, W)).
+        self.channels_last: dict[str, tuple[str, Shape]] = {}
+        self.flat_channels_last: dict[str, tuple[str, Shape]] = {}
         self.nodes: list[ir.Node] = []
         self.expected: dict[str, Shape] = {}  # IR node name -> ONNX-inferred shape per sample
         self.names: set[str] = set(reserved)
@@ -100,6 +105,11 @@ class Builder:
             pad = self.pads[name]
             self.fail(
                 f"reads the output of Pad node {pad.node!r}; Pad is supported only directly before Conv, AveragePool or MaxPool"
+            )
+        if name in self.channels_last or name in self.flat_channels_last:
+            self.fail(
+                f"reads {name!r}, transposed to channels-last (N, H, W, C); that is supported only when it is "
+                "flattened (Flatten/Reshape) straight into a Gemm/MatMul classifier"
             )
         if name not in self.values:
             self.fail(
@@ -307,11 +317,17 @@ def _linear_bias(b: Builder, value: np.ndarray | None, outputs: int, factor: flo
     return (factor * full[0]).astype(np.float32)
 
 
-def _flat_input(b: Builder) -> str:
+def _flat_input(b: Builder, weight: np.ndarray) -> tuple[str, np.ndarray]:
+    """The (N, features) input and the (out, features) weight, its columns in the IR's (C, H, W)
+    flatten order where the model flattened channels-last."""
+    name = b.input(0)
+    if name is not None and name in b.flat_channels_last:
+        source, chw = b.flat_channels_last[name]
+        return source, channels_last_columns(weight, chw)
     source = b.dyn(0)
     if len(b.shape()) != 1:
         b.fail(f"expects a (N, features) input, got per-sample shape {list(b.shape())}; flatten first")
-    return source
+    return source, weight
 
 
 @handles("Gemm")
@@ -320,10 +336,9 @@ def gemm(b: Builder, node: onnx.NodeProto) -> None:
         b.fail("a constant first operand (A) with an activation as B is not supported")
     if int(b.attr("transA", 0)):
         b.fail("transA=1 would transpose the batch dimension; not supported")
-    source = _flat_input(b)
     matrix = np.asarray(b.const(1, "B"), np.float64)
     alpha, beta = float(b.attr("alpha", 1.0)), float(b.attr("beta", 1.0))
-    weight = alpha * (matrix if int(b.attr("transB", 0)) else matrix.T)
+    source, weight = _flat_input(b, alpha * (matrix if int(b.attr("transB", 0)) else matrix.T))
     bias = _linear_bias(b, b.optional_const(2, "C"), weight.shape[0], beta)
     b.emit(ir.Linear("", [source], weight=weight.astype(np.float32), bias=bias))
 
@@ -332,11 +347,11 @@ def gemm(b: Builder, node: onnx.NodeProto) -> None:
 def matmul(b: Builder, node: onnx.NodeProto) -> None:
     if b.is_const(0):
         b.fail("a constant first operand with an activation as the second is not supported")
-    source = _flat_input(b)
     matrix = np.asarray(b.const(1, "weight"), np.float32)
     if matrix.ndim != 2:
         b.fail(f"only a 2-D constant weight is supported (shape {list(matrix.shape)})")
-    b.emit(ir.Linear("", [source], weight=matrix.T.copy(), bias=None))
+    source, weight = _flat_input(b, matrix.T)
+    b.emit(ir.Linear("", [source], weight=np.ascontiguousarray(weight, np.float32), bias=None))
 
 
 # ------------------------------------------------------------------ element-wise arithmetic
@@ -645,6 +660,11 @@ def cast(b: Builder, node: onnx.NodeProto) -> None:
 @handles("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 def reshape(b: Builder, node: onnx.NodeProto) -> None:
     """Shape-only ops: allowed when they keep the sample's shape or flatten it to a vector."""
+    name = b.input(0)
+    if name is not None and name in b.channels_last and len(b.shape(node.output[0])) == 1:
+        source, chw = b.channels_last[name]  # flattened in (H, W, C) order: the classifier's columns follow
+        b.flat_channels_last[node.output[0]] = (b.emit(ir.Flatten("", [source])), chw)
+        return
     source = b.dyn(0)
     before, after = b.shape(), b.shape(node.output[0])
     if after == before:
@@ -656,6 +676,26 @@ def reshape(b: Builder, node: onnx.NodeProto) -> None:
             f"reshapes a sample from {list(before)} to {list(after)}; only flattening "
             "(N, C, H, W) -> (N, C*H*W) and dropping/adding unit dimensions that leave the sample unchanged are supported"
         )
+
+
+@handles("Transpose")
+def transpose(b: Builder, node: onnx.NodeProto) -> None:
+    """Channels-last detours (see `layout`); the Transpose of a channels-last input is dropped by the loader."""
+    name, perm = b.input(0), transpose_perm(node)
+    if name is not None and name in b.channels_last and perm == TO_CHANNELS_FIRST:
+        b.alias(b.channels_last[name][0])  # back to channels-first: the two transposes cancel
+        return
+    shape = b.shape()
+    if perm == list(range(len(shape) + 1)):
+        b.alias(b.dyn(0))
+        return
+    if len(shape) == 3 and perm == TO_CHANNELS_LAST:
+        b.channels_last[node.output[0]] = (b.dyn(0), shape)
+        return
+    b.fail(
+        f"perm {perm} is not supported; only the channels-last detours are: (N, H, W, C) -> (N, C, H, W) of the "
+        "model's input, and (N, C, H, W) -> (N, H, W, C) flattened straight into a Gemm/MatMul classifier"
+    )
 
 
 @handles("Concat")
