@@ -225,6 +225,26 @@ def test_bad_test_data_path_leaves_no_artifact(tmp_path):
     assert not out.exists()
 
 
+def test_a_model_onnxruntime_cannot_run_is_refused_before_anything_is_written(tmp_path):
+    """The frontend reads opsets onnxruntime may not know yet; `build --data` needs onnxruntime for the ANN."""
+    import onnxruntime
+
+    model = onnx.load(DEFAULT_MODEL)
+    model.opset_import[0].version = onnx.defs.onnx_opset_version()
+    path = tmp_path / "newest_opset.onnx"
+    onnx.save(model, path)
+    try:
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - onnxruntime's own exception types
+        pass
+    else:
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} runs opset {model.opset_import[0].version}")
+    out = tmp_path / "o"
+    result = toolchain("build", path, "--data", EMBEDDED_MNIST, "-o", out)
+    assert_clean_failure(result, str(path), "onnxruntime cannot load it")
+    assert not out.exists()
+
+
 def test_output_never_replaces_what_is_not_an_artifact(tmp_path):
     """-o naming the user's own folder or file (a typo, `-o .`) is refused before any work, nothing deleted."""
     folder = tmp_path / "thesis"

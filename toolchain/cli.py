@@ -155,8 +155,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.target == "lava":
         import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
     check_replaceable(args.out, GRAPH_FILE)  # before any work: -o must not name the user's own files
-    # Read the test data before anything is written: a bad --data path must leave no artifact behind.
+    # Read the test data, and open the ANN in onnxruntime, before anything is written: a bad --data
+    # path or a model onnxruntime cannot run (an opset newer than it knows) must leave no artifact.
     test = load_dataset(args.data, "test") if args.data is not None else None
+    ann = None
+    if test is not None:
+        from toolchain.reference import OnnxReference
+
+        ann = OnnxReference(args.model)
     result = build_snn(options)
     extra_files: dict[str, bytes] = {}
     fixed = None
@@ -187,19 +193,17 @@ def cmd_build(args: argparse.Namespace) -> int:
             )
     if args.data is None:
         return 0
-    return _check_build(args, out, result, fixed, test)
+    return _check_build(args, out, result, fixed, test, ann)
 
 
-def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, test: Any) -> int:
+def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, test: Any, ann: Any) -> int:
     """After a build with --data: accuracy at T beside the ANN, Lava validation, report."""
     from targets.base import open_target
     from toolchain.evaluate import evaluate
-    from toolchain.reference import OnnxReference
     from toolchain.report import SpikeMapRecorder
 
     graph = result.snn
     steps = sorted({1, 2, 4, 8, 16, args.steps} - {t for t in (1, 2, 4, 8, 16) if t > args.steps})
-    ann = OnnxReference(out / "ann.onnx")
     runs, recorders = {}, {}
     for name in ("torch", "loihi") if fixed is not None else ("torch",):
         recorders[name] = target = SpikeMapRecorder(open_target(name, out, args.device))
