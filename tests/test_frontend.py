@@ -744,3 +744,38 @@ def test_channels_last_values_other_than_a_flatten_into_a_classifier_are_refused
     with pytest.raises(ToolchainError, match=r"'relu_nhwc'.*channels-last .*Gemm/MatMul classifier") as info:
         load_onnx(path)
     assert str(path) in str(info.value)
+
+
+class GreyImagesMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(6 * 5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class GreyImagesCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 6 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x.unsqueeze(1))).flatten(1))
+
+
+@pytest.mark.parametrize("module", [GreyImagesMLP, GreyImagesCNN])
+def test_models_of_channel_free_images_take_them_with_their_one_channel(tmp_path, module):
+    """An (N, H, W) input (nn.Flatten first, or x.unsqueeze(1) before a conv) is (1, H, W) in the IR, as
+    the data readers give grey images; the ANN reference drops the channel axis for onnxruntime."""
+    from toolchain.reference import OnnxReference
+
+    model = module().eval()
+    path = export(tmp_path, model, (6, 5))
+    graph = load_onnx(path)
+    assert graph.input_shape == (1, 6, 5) and graph.meta["input_layout"] == "NHW"
+    x = rand(4, 1, 6, 5)
+    with torch.inference_mode():
+        expected = model(torch.as_tensor(x[:, 0])).numpy()
+    np.testing.assert_allclose(run_ann(graph, x, device="cpu"), expected, atol=1e-5)
+    np.testing.assert_allclose(OnnxReference(path)(x), expected, atol=1e-5)

@@ -37,6 +37,8 @@ class OnnxReference:
         x = x.astype(np.float32)
         if self.channels_last:
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        elif len(self.input.shape) == 3 and x.ndim == 4 and x.shape[1] == 1:  # an (N, H, W) model: no channel axis
+            x = x[:, 0]
         if self.fixed_batch in (None, len(x)):
             return self.session.run(None, {self.input.name: x})[0]
         size = self.fixed_batch

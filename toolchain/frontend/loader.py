@@ -154,8 +154,10 @@ class _Loader:
         ):
             self.fail(f"input {value.name!r} is not a float tensor")
         dims = tensor.shape.dim
-        if len(dims) not in (2, 4):
-            self.fail(f"input {value.name!r} has rank {len(dims)}; (batch, C, H, W) or (batch, features) is supported")
+        if len(dims) not in (2, 3, 4):
+            self.fail(
+                f"input {value.name!r} has rank {len(dims)}; (batch, C, H, W), (batch, H, W) or (batch, features) is supported"
+            )
         for k, dim in enumerate(dims[1:], 1):
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 self.fail(f"input {value.name!r} dimension {k} is not a fixed size; export with static C, H, W")
@@ -269,6 +271,9 @@ class _Loader:
             builder.values[to_channels_first.output[0]] = value.name
             input_shape = tuple(shapes[to_channels_first.output[0]] or ())[1:]
             nodes = [node for node in nodes if node is not to_channels_first]
+        elif len(input_shape) == 2:  # (N, H, W) images: the IR takes them with their one channel, (1, H, W)
+            input_shape = (1, *input_shape)
+        builder.expected[value.name] = input_shape  # what the input is in the IR (for shape-only ops on it)
         for node in nodes:
             builder.node, builder.node_name = node, names[id(node)]
             try:
@@ -297,7 +302,8 @@ class _Loader:
             self.fail(f"internal error while simplifying the graph ({type(exc).__name__}: {_one_line(exc)})")
         if net.output == value.name:
             self.fail(f"output {output.name!r} is the input up to element-wise identities; the model has no layers")
-        meta = self.meta(model) | ({"input_layout": "NHWC"} if to_channels_first is not None else {})
+        layout = "NHWC" if to_channels_first is not None else "NHW" if len(shapes[value.name] or ()) == 3 else None
+        meta = self.meta(model) | ({"input_layout": layout} if layout else {})
         result = ir.Graph(value.name, input_shape, net.nodes, net.output, self.preprocess(model, input_shape), meta)
         self.verify(result, expected, shapes.get(output.name))
         return result

@@ -667,7 +667,7 @@ def reshape(b: Builder, node: onnx.NodeProto) -> None:
         return
     source = b.dyn(0)
     before, after = b.shape(), b.shape(node.output[0])
-    if after == before:
+    if after == before or after == b.expected.get(source):  # e.g. (N, H, W) input -> (N, 1, H, W): the IR's (1, H, W)
         b.alias(source)
     elif len(after) == 1 and after[0] == math.prod(before):
         b.emit(ir.Flatten("", [source]))
