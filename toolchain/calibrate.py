@@ -130,36 +130,34 @@ def _auto_thresholds(
     graph: ir.Graph, batches: Iterable[np.ndarray] | None, num_samples: int, device: str
 ) -> Thresholds:
     """`--threshold auto`: trained ceilings where calibration data confirms them, else p99.99 per channel."""
-    result = Thresholds({})
     clipped = [n for n in activations(graph) if n.ceiling is not None]
     plain = [n for n in activations(graph) if n.ceiling is None]
     if plain:
         _require_data(plain, batches, "they have no trained ceiling")
     batches = list(batches) if batches is not None else None
-    unreached: dict[str, float] = {}  # clipped layer -> its p99.99, below the ceiling
+    unreached: set[str] = set()  # scalar clip ceilings no calibration activation reaches
     testable = [n for n in clipped if not _ceiling_is_kept(n)]
     if batches is not None and testable:
         layer_stats = _percentile_thresholds(graph, testable, batches, num_samples, AUTO_PERCENTILE, False, device)
         for node in testable:
-            reached = float(layer_stats[node.name].max())
-            if reached < float(np.asarray(node.ceiling).max()) * (1 - 1e-6):
-                unreached[node.name] = reached
-    for node in clipped:
-        if node.name not in unreached:
-            result.values[node.name] = np.asarray(node.ceiling, np.float32).reshape(-1)
-            result.source[node.name] = "ceiling"
+            if float(layer_stats[node.name].max()) < float(np.asarray(node.ceiling).max()) * (1 - 1e-6):
+                unreached.add(node.name)
     data_layers = plain + [n for n in clipped if n.name in unreached]
+    stats: dict[str, np.ndarray] = {}
     if data_layers:
         assert batches is not None
         stats = _percentile_thresholds(graph, data_layers, batches, num_samples, AUTO_PERCENTILE, True, device)
-        for node in data_layers:
-            result.values[node.name] = stats[node.name]
-            result.source[node.name] = f"p{AUTO_PERCENTILE:g} per channel"
-            if node.name in unreached:
-                ceiling = float(np.asarray(node.ceiling).max())
-                result.source[node.name] += f" (ceiling {ceiling:.4g} not reached)"
-    order = [n.name for n in activations(graph)]
-    return _checked(Thresholds({k: result.values[k] for k in order}, {k: result.source[k] for k in order}))
+    result = Thresholds({})
+    for node in activations(graph):
+        if node.name not in stats:
+            result.values[node.name] = np.asarray(node.ceiling, np.float32).reshape(-1)
+            result.source[node.name] = "ceiling"
+            continue
+        result.values[node.name] = stats[node.name]
+        result.source[node.name] = f"p{AUTO_PERCENTILE:g} per channel"
+        if node.name in unreached:
+            result.source[node.name] += f" (ceiling {float(np.asarray(node.ceiling).max()):.4g} not reached)"
+    return _checked(result)
 
 
 def _require_data(layers: list[ir.Relu], batches: Iterable[np.ndarray] | None, why: str) -> None:

@@ -115,7 +115,7 @@ class _Loader:
             if not any(name in dynamic for name in node.input) or node.op_type in ("Shape", "Size"):
                 continue
             if node.op_type not in HANDLERS:
-                self.fail_node(node, names[id(node)], _unsupported(node, graph))
+                self.fail_node(node, names[id(node)], _unsupported(node))
             dynamic.update(name for name in node.output if name)
 
     @staticmethod
@@ -206,7 +206,7 @@ class _Loader:
             self.fail(f"output {output.name!r} does not depend on the input {value.name!r}")
         for node in remaining:
             if node.op_type not in HANDLERS:
-                self.fail_node(node, names[id(node)], _unsupported(node, graph))
+                self.fail_node(node, names[id(node)], _unsupported(node))
         used = {name for node in remaining for name in node.input if name in known}
         for node in remaining:
             for name in node.input:
@@ -266,13 +266,16 @@ class _Loader:
         builder = Builder(self.where, known, shapes, batch, use_counts, output.name, reserved={value.name})
         builder.values[value.name] = value.name
         input_shape = tuple(shapes[value.name] or ())[1:]
+        layout = None  # the input's layout where it is not the IR's (C, H, W) or (F,)
         to_channels_first = channels_last_input(model.graph, value.name)
         if to_channels_first is not None:  # a channels-last model: the IR takes (C, H, W) images
             builder.values[to_channels_first.output[0]] = value.name
             input_shape = tuple(shapes[to_channels_first.output[0]] or ())[1:]
             nodes = [node for node in nodes if node is not to_channels_first]
+            layout = "NHWC"
         elif len(input_shape) == 2:  # (N, H, W) images: the IR takes them with their one channel, (1, H, W)
             input_shape = (1, *input_shape)
+            layout = "NHW"
         builder.expected[value.name] = input_shape  # what the input is in the IR (for shape-only ops on it)
         for node in nodes:
             builder.node, builder.node_name = node, names[id(node)]
@@ -302,7 +305,6 @@ class _Loader:
             self.fail(f"internal error while simplifying the graph ({type(exc).__name__}: {_one_line(exc)})")
         if net.output == value.name:
             self.fail(f"output {output.name!r} is the input up to element-wise identities; the model has no layers")
-        layout = "NHWC" if to_channels_first is not None else "NHW" if len(shapes[value.name] or ()) == 3 else None
         meta = self.meta(model) | ({"input_layout": layout} if layout else {})
         result = ir.Graph(value.name, input_shape, net.nodes, net.output, self.preprocess(model, input_shape), meta)
         self.verify(result, expected, shapes.get(output.name))
@@ -368,7 +370,7 @@ NON_SPIKING = {
 UPSAMPLING = {"ConvTranspose", "Resize", "Upsample", "DepthToSpace"}
 
 
-def _unsupported(node: onnx.NodeProto, graph: onnx.GraphProto) -> str:
+def _unsupported(node: onnx.NodeProto) -> str:
     """Why an op without a handler is refused, with what to do where that is known."""
     hint = ""
     if node.op_type in NON_SPIKING:

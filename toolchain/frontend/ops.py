@@ -61,7 +61,7 @@ class Builder:
         self.channels_last: dict[str, tuple[str, Shape]] = {}
         self.flat_channels_last: dict[str, tuple[str, Shape]] = {}
         self.nodes: list[ir.Node] = []
-        self.expected: dict[str, Shape] = {}  # IR node name -> ONNX-inferred shape per sample
+        self.expected: dict[str, Shape] = {}  # IR node name -> ONNX-inferred shape per sample (the input: its IR shape)
         self.names: set[str] = set(reserved)
         self.node = onnx.NodeProto()
         self.node_name = ""
