@@ -252,10 +252,14 @@ def accuracy_hint(args: argparse.Namespace, gap: float, layers: list[dict[str, A
     tries = []
     if args.v0 != "optimal":
         tries.append(f"--v0 optimal --v0-T {args.steps} (fits v0 to the ANN at this T)")
-    if not args.per_channel:
+    sources = [layer["source"] for layer in layers]
+    # `auto` already takes its data thresholds per channel: suggest --per-channel only where it acts.
+    if any(s != "ceiling" and "per channel" not in s for s in sources):
         tries.append("--per-channel (one threshold per channel: batch-normalised models often need it)")
-    if any(layer["source"] == "ceiling" for layer in layers) and args.threshold in ("auto", "ceiling"):
-        tries.append("--threshold p99.99 --calib DATA (if the clip ceilings are fixed, like ReLU6, not trained)")
+    if "ceiling" in sources:
+        tries.append(
+            "--threshold p99.99 --per-channel --calib DATA (if the clip ceilings are fixed, like ReLU6, not trained)"
+        )
     advice = "; ".join(tries) if tries else "a larger -T, or retraining with clipped ReLU (python -m models.train)"
     return f"hint: the SNN is {100 * gap:.1f} points below the ANN at T={args.steps}; try {advice}"
 
