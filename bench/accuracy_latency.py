@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import write_results  # noqa: E402
 
-from targets.base import get_target  # noqa: E402
-from targets.torch.simulator import resolve_device  # noqa: E402
+from toolchain.backends import get_target  # noqa: E402
 from toolchain.build import BuildOptions, build_snn  # noqa: E402
-from toolchain.calibrate import V0_MAX_SAMPLES, activations  # noqa: E402
+from toolchain.core.interpreter import resolve_device  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
 from toolchain.errors import ToolchainError  # noqa: E402
 from toolchain.evaluate import evaluate, parse_steps  # noqa: E402
-from toolchain.frontend import load_onnx  # noqa: E402
-from toolchain.reference import OnnxReference  # noqa: E402
+from toolchain.onnx_reference import OnnxReference  # noqa: E402
+from toolchain.passes.calibrate import V0_MAX_SAMPLES, activations  # noqa: E402
+from toolchain.passes.frontend import load_onnx  # noqa: E402
 
 THRESHOLDS = ("ceiling", "max", "p99.99")
 V0_MODES = ("zero", "half", "optimal")

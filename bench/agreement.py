@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import write_results  # noqa: E402
 
-from targets.base import get_target  # noqa: E402
-from toolchain.build import BuildOptions, build_snn  # noqa: E402
+from toolchain.backends import get_target  # noqa: E402
+from toolchain.build import BuildOptions, build  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
 from toolchain.evaluate import evaluate, parse_steps  # noqa: E402
-from toolchain.reference import OnnxReference  # noqa: E402
+from toolchain.onnx_reference import OnnxReference  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     steps = parse_steps(args.steps)
-    built = build_snn(BuildOptions(model=args.model, calib=args.data, threshold=args.threshold))
+    built = build(BuildOptions(model=args.model, calib=args.data, threshold=args.threshold))
     target = get_target("torch", device="auto")
     target.prepare(built.snn)
     test = load_dataset(args.data, "test").subset(args.limit)

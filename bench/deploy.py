@@ -30,13 +30,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import describe_machine, write_results  # noqa: E402
 
-from targets.base import open_target  # noqa: E402
-from toolchain.build import BuildOptions, build_snn, write_artifact  # noqa: E402
+from toolchain.backends import open_target  # noqa: E402
+from toolchain.build import BuildOptions, build, write_artifact  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
 from toolchain.errors import ToolchainError  # noqa: E402
 from toolchain.evaluate import evaluate  # noqa: E402
-from toolchain.quantize import fixed_files, quantize  # noqa: E402
-from toolchain.reference import OnnxReference  # noqa: E402
+from toolchain.onnx_reference import OnnxReference  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # name -> (ONNX file, dataset folder)
@@ -50,11 +49,13 @@ MODELS = {
 
 
 def lava_validate() -> Any:
-    """`targets.lava.runner.validate`, or None where Lava cannot run (not Python 3.10, not installed)."""
+    """`toolchain.validate.validate`, or None where Lava cannot run (not Python 3.10, not installed)."""
     try:
-        from targets.lava.runner import validate
+        import targets.lava  # noqa: F401  (raises ToolchainError where Lava cannot run)
     except ToolchainError:
         return None
+    from toolchain.validate import validate
+
     return validate
 
 
@@ -64,9 +65,9 @@ def deploy(name: str, steps: int, args: argparse.Namespace, workdir: Path) -> di
     options = BuildOptions(model=model, out=workdir / f"{name}-T{steps}", target="lava", calib=data, v0="optimal",
                            v0_steps=steps, steps=steps, device=args.device)  # fmt: skip
     started = time.perf_counter()
-    result = build_snn(options)
-    fixed = quantize(result.snn)
-    out = write_artifact(result, options, fixed_files(fixed))
+    result = build(options)
+    fixed = result.fixed
+    out = write_artifact(result, options)
     built_seconds = time.perf_counter() - started
     graph = result.snn
     accuracy: dict[str, float] = {}

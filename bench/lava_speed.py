@@ -12,7 +12,7 @@ on ../shared/data/fashion-mnist when both exist), at T=32 on CPU, in one process
    the speedup, and whether all three give the same readout bits;
 4. Lava (`lava` target, fixed_pt): the network built once, --lava-samples samples streamed through it
    (build time, start-up = the first sample with compilation and runtime start, then seconds per
-   sample); then `targets.lava.runner.validate` on the same samples: every IF layer's spikes at every
+   sample); then `toolchain.validate.validate` on the same samples: every IF layer's spikes at every
    step and the readout accumulators against the emulator.
 
 Writes bench/results/lava_speed.{json,md}.
@@ -44,11 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from machine import describe_machine, write_results  # noqa: E402  (bench/machine.py)
 
-from targets.loihi.emulator import make_target as emulator_target  # noqa: E402
-from targets.torch.simulator import make_target as torch_target  # noqa: E402
-from toolchain.build import BuildOptions, build_snn  # noqa: E402
+from toolchain.backends import get_target  # noqa: E402
+from toolchain.build import BuildOptions, build  # noqa: E402
 from toolchain.data import load_dataset  # noqa: E402
-from toolchain.quantize import quantize  # noqa: E402
 
 MODELS = [
     ("mnist_cnn", ROOT / "models" / "mnist_cnn.onnx", ROOT / "models" / "data" / "mnist"),
@@ -79,8 +77,25 @@ def baseline_module(rev: str) -> types.ModuleType | None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["emulator_before"] = module
+    _old_module_paths()
     spec.loader.exec_module(module)
     return module
+
+
+def _old_module_paths() -> None:
+    """The module paths a baseline emulator from before the core/passes layout imports from."""
+    from toolchain.backends import get_target as _unused  # noqa: F401  (the new modules, loaded)
+    from toolchain.core import fixed, ir, target
+    from toolchain.passes import quantize
+
+    old_quantize = types.ModuleType("toolchain.quantize")
+    old_quantize.__dict__.update({**vars(fixed), **vars(quantize)})
+    old_quantize.as_fixed = lambda graph, preset, options: fixed.as_fixed(  # type: ignore[attr-defined]
+        graph, preset, lambda g: quantize.quantize(g, **options), "loihi"
+    )
+    sys.modules.setdefault("targets.base", target)
+    sys.modules.setdefault("toolchain.ir", ir)
+    sys.modules.setdefault("toolchain.quantize", old_quantize)
 
 
 # ------------------------------------------------------------------ timing
@@ -119,18 +134,18 @@ def interleaved(runners: dict[str, Any], x: np.ndarray, steps: int, chunks: int)
 def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace, before: types.ModuleType | None) -> dict[str, Any]:
     steps = args.steps
     log(f"[{name}] building and quantising {model.relative_to(ROOT)}")
-    snn = build_snn(BuildOptions(model=model, device="cpu")).snn
-    fixed = quantize(snn)
+    built = build(BuildOptions(model=model, target="loihi", device="cpu"))
+    snn, fixed = built.snn, built.fixed
     test = load_dataset(data, "test").subset(args.limit)
     x = snn.network_input(test.x).astype(np.float32)
     labels = np.asarray(test.y)
     result: dict[str, Any] = {"model": str(model.relative_to(ROOT)), "data": test.source, "samples": len(test), "steps": steps}
 
-    emulator = emulator_target(device="cpu", fixed=fixed)
+    emulator = get_target("loihi", device="cpu", fixed=fixed)
     emulator.prepare(fixed)
     result["emulator_plan"] = emulator.emulator.describe(steps)  # type: ignore[union-attr]
     result["emulator_batch_size"] = emulator.emulator.batch_size(steps)  # type: ignore[union-attr]
-    floating = torch_target(device="cpu")
+    floating = get_target("torch", device="cpu")
     floating.prepare(snn)
     warm = x[: min(16, len(x))]
     emulator.run(warm, steps)
@@ -153,7 +168,7 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace, be
 
     n = min(args.baseline_samples, len(x))
     runners: dict[str, Any] = {"fast": emulator}
-    exact = emulator_target(device="cpu", fixed=fixed, arithmetic="int64")
+    exact = get_target("loihi", device="cpu", fixed=fixed, arithmetic="int64")
     exact.prepare(fixed)
     runners["int64"] = exact
     if before is not None:
@@ -182,10 +197,10 @@ def bench_model(name: str, model: Path, data: Path, args: argparse.Namespace, be
 
 
 def bench_lava(fixed: Any, x: np.ndarray, steps: int, emulator: Any, name: str) -> dict[str, Any]:
-    from targets.lava.runner import LavaTarget, validate
+    from toolchain.validate import validate
 
     log(f"[{name}] Lava fixed_pt: {len(x)} samples streamed through one network")
-    lava = LavaTarget(fixed=fixed)
+    lava = get_target("lava", fixed=fixed)
     lava.prepare(fixed)
     started = time.perf_counter()
     try:
@@ -324,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the float simulator")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lava_speed")
     args = parser.parse_args(argv)
-    logging.getLogger("toolchain.calibrate").setLevel(logging.ERROR)
+    logging.getLogger("toolchain.passes.calibrate").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"machine": machine(), "baseline_rev": args.baseline_rev, "models": []}
     before = baseline_module(args.baseline_rev)

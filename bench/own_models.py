@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import describe_machine, write_results  # noqa: E402
 
-from targets.base import open_target  # noqa: E402
-from toolchain.build import BuildOptions, build_snn  # noqa: E402
+from toolchain.backends import open_target  # noqa: E402
+from toolchain.build import BuildOptions, build  # noqa: E402
 from toolchain.data import Dataset, load_dataset  # noqa: E402
 from toolchain.evaluate import evaluate  # noqa: E402
-from toolchain.reference import OnnxReference  # noqa: E402
+from toolchain.onnx_reference import OnnxReference  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 STEPS = [8, 16, 32, 64, 128]
@@ -181,7 +181,7 @@ def convert_and_evaluate(name: str, onnx_file: Path, setting: str, test: Dataset
     options = BuildOptions(model=onnx_file, target="torch", calib=args.data, calib_size=args.calib_size,
                            device="cpu", **SETTINGS[setting])  # fmt: skip
     started = time.perf_counter()
-    result = build_snn(options)
+    result = build(options)
     build_seconds = time.perf_counter() - started
     graph = result.snn
     # the toolchain's default scaling for uint8 input must be the training preprocessing

@@ -5,7 +5,7 @@ RANDOM weights: speed does not depend on training) the script
 
 1. builds the torch module (ReLU modules, average pooling, no batch norm), exports it to
    ONNX (`torch.onnx.export(..., dynamo=False)`: the dynamo exporter needs onnxscript,
-   not installed here) and loads it with our frontend (`toolchain.frontend.load_onnx`);
+   not installed here) and loads it with our frontend (`toolchain.passes.frontend.load_onnx`);
 2. calibrates both converters on the same batch with the same rule: SpikingJelly's
    `ann2snn.Converter(mode="max")` and our `ThresholdSpec("max")` (one batch, so both
    take its maximum; the script checks the thresholds agree), and converts with IF
@@ -16,7 +16,7 @@ RANDOM weights: speed does not depend on training) the script
    tutorial does: model in eval mode, `functional.reset_net`, T calls, outputs summed,
    under `torch.inference_mode()`;
 4. checks our predictions and spike counts against the plain step-by-step reference
-   (`targets.torch.reference`) and reports how often our class equals SpikingJelly's;
+   (`targets.torch.stepwise`) and reports how often our class equals SpikingJelly's;
 5. measures peak memory of one run in a fresh subprocess per simulator (CPU: growth of
    the peak resident set, `ru_maxrss`; CUDA: `torch.cuda.max_memory_allocated`);
 6. sweeps T (4..128) and the batch size for both, and (CPU) our batch chunk size;
@@ -58,12 +58,13 @@ sys.path.insert(0, str(ROOT))
 
 from machine import describe_machine  # noqa: E402  (bench/machine.py)
 
-from targets.torch.reference import simulate  # noqa: E402
-from targets.torch.simulator import TorchTarget, fp32_mode, run_ann  # noqa: E402
-from toolchain import ir  # noqa: E402
-from toolchain.calibrate import ThresholdSpec, compute_thresholds  # noqa: E402
-from toolchain.convert import ConversionOptions, convert  # noqa: E402
-from toolchain.frontend import load_onnx  # noqa: E402
+from targets.torch.simulator import TorchTarget  # noqa: E402
+from targets.torch.stepwise import simulate  # noqa: E402
+from toolchain.core import ir  # noqa: E402
+from toolchain.core.interpreter import fp32_mode, run_ann  # noqa: E402
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds  # noqa: E402
+from toolchain.passes.convert import ConversionOptions, convert  # noqa: E402
+from toolchain.passes.frontend import load_onnx  # noqa: E402
 
 SJ_VERSION = "0.0.0.0.14"
 INSTALL_HINT = (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain import ir
+from toolchain.core import ir
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"

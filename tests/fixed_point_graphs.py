@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.convert import convert
+from toolchain.core import ir
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.passes.convert import convert
 
 
 def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -46,13 +46,13 @@ def make_ann(seed: int = 0, variant: str = "basic") -> ir.Graph:
     elif variant == "odd":
         shape = (3, 9, 11)
         nodes = [
-            ir.Affine("norm", ["x"], scale=rng.uniform(0.5, 2, 3).astype(np.float32), shift=_b(rng, 3, 0.3)),
+            ir.ScaleShift("norm", ["x"], scale=rng.uniform(0.5, 2, 3).astype(np.float32), shift=_b(rng, 3, 0.3)),
             ir.Conv2d("conv1", ["norm"], weight=_w(rng, 4, 3, 3, 3), bias=_b(rng, 4), stride=(2, 2), padding=(1, 0, 0, 1)),
             ir.Relu("act1", ["conv1"]),
             ir.Conv2d(
                 "conv2", ["act1"], weight=_w(rng, 4, 2, 3, 3), bias=_b(rng, 4), padding=(2, 2, 2, 2), dilation=(2, 2), groups=2
             ),
-            ir.Affine("bn2", ["conv2"], scale=rng.uniform(0.5, 1.5, 4).astype(np.float32), shift=_b(rng, 4)),
+            ir.ScaleShift("bn2", ["conv2"], scale=rng.uniform(0.5, 1.5, 4).astype(np.float32), shift=_b(rng, 4)),
             ir.Relu("act2", ["bn2"]),
             ir.AvgPool2d("pool2", ["act2"], kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1)),
             ir.Conv2d("conv3", ["pool2"], weight=_w(rng, 6, 4, 1, 1), bias=_b(rng, 6)),

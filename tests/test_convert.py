@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from targets.torch.simulator import TorchExecutor, make_target, run_ann
+from targets.torch.simulator import TorchTarget as make_target
 from tests.conftest import ROOT, make_ann, shared_data
-from toolchain import ir
-from toolchain.calibrate import (
+from toolchain.core import ir
+from toolchain.core.interpreter import TorchExecutor, run_ann
+from toolchain.errors import ToolchainError
+from toolchain.passes.calibrate import (
     V0_MAX_SAMPLES,
     ThresholdSpec,
     activations,
@@ -13,8 +15,7 @@ from toolchain.calibrate import (
     optimise_v0,
     v0_samples,
 )
-from toolchain.convert import ConversionOptions, ann_view, convert, replace_maxpool
-from toolchain.errors import ToolchainError
+from toolchain.passes.convert import ConversionOptions, ann_view, convert, replace_maxpool
 
 
 def _snn_output(snn: ir.Graph, x: np.ndarray, steps: int) -> np.ndarray:
@@ -143,7 +144,7 @@ def test_optimal_v0_closes_most_of_the_low_T_gap_on_a_real_model():
     (per channel, inside [0, theta]) beat theta/2 at the T they were fitted for."""
     from toolchain.build import BuildOptions, build_snn
     from toolchain.data import load_dataset
-    from toolchain.reference import OnnxReference
+    from toolchain.onnx_reference import OnnxReference
 
     data = shared_data("fashion-mnist")
     model = ROOT / "models" / "zoo" / "fmnist_vgg_clip.onnx"

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, make_ann
-from toolchain.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.convert import convert
+from toolchain.core.ir import save_graph
 from toolchain.data import Dataset
 from toolchain.distributed import Session, session
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Evaluation
-from toolchain.ir import save_graph
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.passes.convert import convert
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
-from targets.torch.simulator import run_ann
-from toolchain import ir
+from toolchain.core import ir
+from toolchain.core.interpreter import run_ann
 from toolchain.errors import ToolchainError
-from toolchain.frontend import SUPPORTED_OPS, load_onnx
+from toolchain.passes.frontend import SUPPORTED_OPS, load_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -184,7 +184,7 @@ def test_batchnorm_into_gemm_without_bias(tmp_path):
 
 
 def test_standalone_batchnorm_is_affine(tmp_path):
-    """A BN on the input before a padded conv cannot fold (padding zeros): it stays an Affine."""
+    """A BN on the input before a padded conv cannot fold (padding zeros): it stays an ScaleShift."""
     nodes = [
         helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
         conv_node("conv", "n", "y", "w", "b", pads=[1, 1, 1, 1]),
@@ -686,7 +686,7 @@ def test_frontend_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, toolchain.frontend; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, toolchain.passes.frontend; assert 'torch' not in sys.modules, 'torch imported'"
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
@@ -718,7 +718,7 @@ class ChannelsLastCNN(nn.Module):
 def test_channels_last_models_take_channels_first_images(tmp_path, flatten):
     """The IR drops the input Transpose (it takes (C, H, W)) and reorders the classifier's columns for a
     channels-last flatten; the ANN reference transposes the images back for onnxruntime."""
-    from toolchain.reference import OnnxReference
+    from toolchain.onnx_reference import OnnxReference
 
     module = ChannelsLastCNN(flatten).eval()
     path = export(tmp_path, module, (8, 6, 3))
@@ -768,7 +768,7 @@ class GreyImagesCNN(nn.Module):
 def test_models_of_channel_free_images_take_them_with_their_one_channel(tmp_path, module):
     """An (N, H, W) input (nn.Flatten first, or x.unsqueeze(1) before a conv) is (1, H, W) in the IR, as
     the data readers give grey images; the ANN reference drops the channel axis for onnxruntime."""
-    from toolchain.reference import OnnxReference
+    from toolchain.onnx_reference import OnnxReference
 
     model = module().eval()
     path = export(tmp_path, model, (6, 5))

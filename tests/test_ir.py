@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_ann
-from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.convert import convert
+from toolchain.core import ir
 from toolchain.errors import ToolchainError
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.passes.convert import convert
 
 
 def _snn() -> ir.Graph:

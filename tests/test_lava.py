@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from tests.fixed_point_graphs import make_inputs, make_snn
+from toolchain.core.fixed import V_MAX
 from toolchain.errors import ToolchainError
-from toolchain.quantize import V_MAX, quantize
+from toolchain.passes.quantize import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "mnist_cnn.onnx"
@@ -39,7 +41,7 @@ def needs_lava(test):
 
 @pytest.fixture(autouse=True)
 def _quiet_calibration(caplog):
-    caplog.set_level(logging.ERROR, logger="toolchain.calibrate")
+    caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
 def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
@@ -56,7 +58,7 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
 @pytest.mark.parametrize("variant, samples, steps", [("basic", 3, 12), ("odd", 2, 10)])
 @needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
-    from targets.lava.runner import validate
+    from toolchain.validate import validate
 
     snn = make_snn(0, variant)
     report = validate(snn, make_inputs(snn, samples), steps, input_range=(0, 1))
@@ -68,7 +70,7 @@ def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
 @needs_lava
 def test_per_channel_initial_potentials_are_spike_exact():
     """`--v0 optimal` gives one v0 per channel under a shared threshold: Lava's initial voltages."""
-    from targets.lava.runner import validate
+    from toolchain.validate import validate
 
     snn = make_snn(0, "basic")
     rng = np.random.default_rng(1)
@@ -89,8 +91,9 @@ def test_per_channel_initial_potentials_are_spike_exact():
 
 @needs_lava
 def test_lava_target_streams_samples_through_one_network():
-    from targets.base import get_target
-    from targets.loihi.emulator import make_target as emulator_target
+    from toolchain.backends import get_target
+
+    emulator_target = functools.partial(get_target, "loihi")
 
     snn = make_snn(1, "basic")
     fixed = quantize(snn, input_range=(0, 1))
@@ -118,8 +121,11 @@ def test_lava_target_streams_samples_through_one_network():
 
 @needs_lava
 def test_first_difference_is_located_and_overflow_saturates_identically():
-    from targets.lava.runner import LavaTarget, first_mismatch
-    from targets.loihi.emulator import make_target as emulator_target
+    from targets.lava.runner import LavaTarget
+    from toolchain.backends import get_target
+    from toolchain.validate import first_mismatch
+
+    emulator_target = functools.partial(get_target, "loihi")
 
     snn = make_snn(2, "basic")
     fixed = quantize(snn, input_range=(0, 1))
@@ -132,7 +138,7 @@ def test_first_difference_is_located_and_overflow_saturates_identically():
     steps = 8
     emulator = emulator_target(device="cpu", fixed=fixed, on_overflow="saturate")
     emulator.prepare(fixed)
-    expected = emulator.record(x, steps)
+    expected = emulator.run_recorded(x, steps)
     lava = LavaTarget(fixed=tampered, record=True, on_overflow="saturate")
     lava.prepare(tampered)
     try:
@@ -150,7 +156,9 @@ def test_first_difference_is_located_and_overflow_saturates_identically():
 @needs_lava
 def test_floating_point_models_run_the_same_network():
     from targets.lava.runner import LavaTarget
-    from targets.loihi.emulator import make_target as emulator_target
+    from toolchain.backends import get_target
+
+    emulator_target = functools.partial(get_target, "loihi")
 
     snn = make_snn(0, "basic")
     fixed = quantize(snn, input_range=(0, 1))
@@ -169,9 +177,9 @@ def test_floating_point_models_run_the_same_network():
 def test_trained_mnist_cnn_is_spike_exact_in_lava():
     if not MODEL.exists() or not MNIST.exists():
         pytest.skip("models/mnist_cnn.onnx or the embedded MNIST test split is missing")
-    from targets.lava.runner import validate
     from toolchain.build import BuildOptions, build_snn
     from toolchain.data import load_dataset
+    from toolchain.validate import validate
 
     snn = build_snn(BuildOptions(model=MODEL, device="cpu")).snn
     data = load_dataset(MNIST, "test").subset(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from pathlib import Path
 
@@ -10,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from targets.base import get_target
-from targets.loihi.emulator import LoihiTarget, make_target
-from targets.torch.simulator import make_target as torch_target
+from targets.loihi.emulator import LoihiTarget
 from tests.fixed_point_graphs import make_inputs, make_snn
+from toolchain.backends import get_target
+from toolchain.core.fixed import V_MAX, FixedGraph, FixedLayer, encode_input
 from toolchain.errors import ToolchainError
-from toolchain.quantize import V_MAX, FixedGraph, FixedLayer, encode_input, quantize
+from toolchain.passes.quantize import quantize
+
+make_target = functools.partial(get_target, "loihi")
+torch_target = functools.partial(get_target, "torch")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "mnist_cnn.onnx"
@@ -83,7 +87,7 @@ def reference(fixed: FixedGraph, x_u: np.ndarray, steps: int) -> tuple[dict[str,
 
 @pytest.fixture(autouse=True)
 def _quiet_calibration(caplog):
-    caplog.set_level(logging.ERROR, logger="toolchain.calibrate")
+    caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
 @pytest.mark.parametrize("variant", ["basic", "odd"])
@@ -94,7 +98,7 @@ def test_emulator_is_bit_exact_with_the_numpy_reference(variant):
     steps = 12
     target = make_target(device="cpu", fixed=fixed)
     target.prepare(snn)
-    got = target.record(x, steps)
+    got = target.run_recorded(x, steps)
     spikes, readout, overflows = reference(fixed, encode_input(fixed, x), steps)
     for name, expected in spikes.items():
         assert expected.any(), f"layer {name} never fires: the test would prove little"
@@ -117,7 +121,7 @@ def test_overflow_raises_naming_the_layer_or_saturates_like_the_reference():
         raising.run(x, steps)
     saturating = make_target(device="cpu", fixed=fixed, on_overflow="saturate")
     saturating.prepare(fixed)
-    got = saturating.record(x, steps)
+    got = saturating.run_recorded(x, steps)
     spikes, readout, overflows = reference(fixed, encode_input(fixed, x), steps)
     assert overflows["act2"] > 0
     assert int(got.overflows["act2"].sum()) == overflows["act2"]
@@ -190,7 +194,7 @@ def test_cuda_is_bit_exact_with_cpu():
     for device in ("cpu", "cuda"):
         target = make_target(device=device, fixed=fixed)
         target.prepare(fixed)
-        results.append(target.record(x, 16))
+        results.append(target.run_recorded(x, 16))
     for name in results[0].spikes:
         np.testing.assert_array_equal(results[0].spikes[name], results[1].spikes[name])
     np.testing.assert_array_equal(results[0].readout, results[1].readout)
@@ -257,7 +261,7 @@ def test_fast_path_equals_the_int64_path_bit_for_bit(variant, options, steps, us
         assert exact.emulator.plans is None and fast.emulator.plans is not None
         if seed == 0:
             assert any(uses.items() <= row.items() for row in fast.emulator.describe(steps)), fast.emulator.describe(steps)
-        _assert_same_recording(fast.record(x, steps), exact.record(x, steps))
+        _assert_same_recording(fast.run_recorded(x, steps), exact.run_recorded(x, steps))
         a, b = fast.run(x, steps), exact.run(x, steps)
         np.testing.assert_array_equal(a.readout, b.readout)
         for name in b.spikes:
@@ -283,7 +287,7 @@ def test_fast_path_equals_the_int64_path_on_mnist_cnn():
     exact.prepare(fixed)
     rows = fast.emulator.describe(steps)
     assert all(row["synapse"] == "float32" and not row["saturation_checks"] for row in rows), rows
-    _assert_same_recording(fast.record(x, steps), exact.record(x, steps))
+    _assert_same_recording(fast.run_recorded(x, steps), exact.run_recorded(x, steps))
     a, b = fast.run(x, steps), exact.run(x, steps)
     np.testing.assert_array_equal(a.readout, b.readout)
     for name in b.spikes:

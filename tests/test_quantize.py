@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
@@ -10,31 +11,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets.loihi.emulator import make_target
-from targets.torch.simulator import make_target as torch_target
 from tests.conftest import make_ann as make_shared_ann
 from tests.fixed_point_graphs import make_inputs, make_snn
-from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.convert import convert
-from toolchain.errors import ToolchainError
-from toolchain.quantize import (
+from toolchain.backends import get_target
+from toolchain.core import ir
+from toolchain.core.fixed import (
     FIXED_TENSORS_FILE,
     V_MAX,
     FixedGraph,
     encode_input,
     fixed_files,
     load_fixed,
-    quantize,
     save_fixed,
 )
+from toolchain.errors import ToolchainError
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.passes.convert import convert
+from toolchain.passes.quantize import quantize
+
+make_target = functools.partial(get_target, "loihi")
+torch_target = functools.partial(get_target, "torch")
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
 def _quiet_calibration(caplog):
-    caplog.set_level(logging.ERROR, logger="toolchain.calibrate")
+    caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
 def _dequantised(layer) -> np.ndarray:
@@ -221,7 +224,7 @@ def test_raw_pixels_are_the_graded_input_spikes():
 
 def test_quantize_module_needs_neither_torch_nor_lava_to_load():
     code = (
-        "import sys, toolchain.quantize as q; "
+        "import sys, toolchain.passes.quantize as q; "
         "assert 'torch' not in sys.modules and 'lava' not in sys.modules, sorted(sys.modules); "
         f"assert q.V_MAX == {V_MAX}"
     )

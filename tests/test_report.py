@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from targets.torch.simulator import TorchExecutor, make_target
+from targets.torch.simulator import TorchTarget as make_target
 from tests.conftest import DEFAULT_MODEL, EMBEDDED_MNIST, make_ann
-from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds
 from toolchain.cli import main
-from toolchain.convert import convert
+from toolchain.core import ir
+from toolchain.core.interpreter import TorchExecutor
 from toolchain.data import Dataset
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import evaluate
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.passes.convert import convert
 from toolchain.report import SpikeMapRecorder, build_report, load_energy_model, report_steps, write_report
 from toolchain.report.counts import fanout, fanout_adjoint, fanout_one_hot, populations
 from toolchain.report.render import tables
@@ -112,7 +113,7 @@ def _fixed_point_ready(snn: ir.Graph) -> ir.Graph:
 
 
 def test_report_spikes_equal_the_loihi_emulators_spikes(snn, data):
-    from targets.base import get_target
+    from toolchain.backends import get_target
 
     snn = _fixed_point_ready(snn)
     target = get_target("loihi", device="cpu")
@@ -121,7 +122,7 @@ def test_report_spikes_equal_the_loihi_emulators_spikes(snn, data):
     report = build_report(snn, evaluation, target="loihi", spike_maps=recorder.maps)
     recorded: dict[str, float] = {}
     for raw, _ in data.batches(10):
-        recording = target.record(snn.preprocess.apply(raw), max(STEPS))
+        recording = target.run_recorded(snn.preprocess.apply(raw), max(STEPS))
         for name, spikes in recording.spikes.items():
             recorded[name] = recorded.get(name, 0.0) + float(np.asarray(spikes).sum())
     assert recorded, "the emulator recorded no layers"
@@ -137,7 +138,7 @@ def test_report_spikes_equal_the_loihi_emulators_spikes(snn, data):
 def test_report_spikes_equal_lavas_spikes(snn, data):
     if importlib.util.find_spec("lava") is None or importlib.util.find_spec("targets.lava.runner") is None:
         pytest.skip("lava-nc or targets.lava.runner is not installed here")
-    from targets.base import get_target
+    from toolchain.backends import get_target
 
     snn = _fixed_point_ready(snn)
     small = data.subset(2)
@@ -194,7 +195,7 @@ def _edges(graph: ir.Graph, node: ir.Node) -> list[tuple[str, int, int]]:
             size = int(np.prod(graph.shape_of(name)))
             edges += [(name, i, offset + i) for i in range(size)]
             offset += size
-    elif isinstance(node, (ir.Add, ir.Flatten, ir.Affine)):
+    elif isinstance(node, (ir.Add, ir.Flatten, ir.ScaleShift)):
         for name in node.inputs:
             edges += [(name, i, i) for i in range(int(np.prod(graph.shape_of(name))))]
     else:

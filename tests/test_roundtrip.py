@@ -7,7 +7,7 @@ import torch
 
 from exporters.onnx_export import export_onnx
 from models.train import load_checkpoint
-from targets.torch.simulator import make_target
+from targets.torch.simulator import TorchTarget as make_target
 from tests.conftest import EMBEDDED_MNIST, ROOT
 from toolchain.build import BuildOptions, build_snn
 from toolchain.data import load_dataset

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from targets.base import get_target
-from targets.torch import simulator
-from targets.torch.reference import ReferenceTarget, simulate
-from targets.torch.simulator import TorchTarget, make_target
+from targets.torch.simulator import TorchTarget
+from targets.torch.stepwise import StepwiseTarget, simulate
 from tests.conftest import make_ann
-from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.convert import convert
+from toolchain.backends import get_target
+from toolchain.core import interpreter as simulator
+from toolchain.core import ir
 from toolchain.errors import ToolchainError
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
+from toolchain.passes.convert import convert
+
+make_target = TorchTarget
 
 STEPS = 24
 
@@ -36,7 +38,7 @@ def _top(rng: np.random.Generator, channels: int, per_channel: bool) -> np.ndarr
 
 def residual_ann(seed: int = 0, per_channel: bool = False) -> ir.Graph:
     """conv-act, two branches (conv-act and a 1x1 conv), Add, act, max-pool, conv-act, Concat with an
-    average-pooled branch (asymmetric padding, padded cells not counted), Affine, flatten, linear."""
+    average-pooled branch (asymmetric padding, padded cells not counted), ScaleShift, flatten, linear."""
     rng = np.random.default_rng(seed)
     nodes: list[ir.Node] = [
         ir.Conv2d("c1", ["x"], weight=_w(rng, 4, 2, 3, 3), bias=rng.uniform(0, 0.2, 4).astype(np.float32), padding=(1, 1, 1, 1)),
@@ -51,7 +53,7 @@ def residual_ann(seed: int = 0, per_channel: bool = False) -> ir.Graph:
         ir.Relu("a4", ["c3"], ceiling=_top(rng, 6, per_channel)),
         ir.AvgPool2d("ap", ["a3"], kernel=(3, 3), stride=(2, 2), padding=(0, 0, 1, 1), count_include_pad=False),
         ir.Concat("cat", ["a4", "ap"]),
-        ir.Affine(
+        ir.ScaleShift(
             "aff", ["cat"], scale=rng.uniform(0.5, 1.5, 10).astype(np.float32), shift=rng.uniform(0, 0.1, 10).astype(np.float32)
         ),
         ir.Relu("a5", ["aff"], ceiling=_top(rng, 10, per_channel)),
@@ -236,8 +238,8 @@ def test_reduced_precision_is_cuda_only():
 def test_registry_and_reference_target_share_the_interface():
     snn = _snn(make_ann())
     x = _inputs(snn, 6)
-    fast = get_target("torch", device="cpu", artifact=None)
-    reference = ReferenceTarget()
+    fast = get_target("torch", device="cpu")
+    reference = StepwiseTarget()
     for target in (fast, reference):
         target.prepare(snn)
     assert_same_simulation(fast.run(x, 10), reference.run(x, 10))

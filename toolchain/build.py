@@ -1,7 +1,9 @@
-"""The build stage chain: ONNX file -> ANN graph -> thresholds -> SNN graph -> artifact.
+"""The build driver: ONNX file -> ANN graph -> thresholds -> SNN graph (-> fixed point) -> artifact.
 
-Each step is a plain function of the previous step's data; `build` strings them
-together and writes the artifact only once everything has succeeded.
+Each step is a pass (`toolchain.passes`): a plain function of the previous step's data.
+`build` strings them together, quantisation included where the target runs fixed point;
+`write_artifact` writes the artifact only once everything has succeeded. The command line
+and the benches call these two and repeat none of their steps.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from toolchain import ir
-from toolchain.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
-from toolchain.convert import ConversionOptions, convert, replace_maxpool
+from targets import graph_kind
+from toolchain.core import ir
+from toolchain.core.fixed import FixedGraph, fixed_files
 from toolchain.data import Dataset, load_dataset
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import check_input_shape
+from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
+from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
+from toolchain.passes.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class BuildOptions:
     v0: str = "half"
     v0_steps: int = 16
     maxpool: str = "spiking"
-    steps: int = 32
+    steps: int = 32  # T of the checks that follow a build (accuracy, Lava validation); kept in build.json
     scale: float | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -57,6 +62,23 @@ class BuildResult:
     snn: ir.Graph
     log: dict[str, Any] = field(default_factory=dict)
     calibration_data: Dataset | None = None
+    fixed: FixedGraph | None = None  # the quantised network, for targets that run fixed point
+
+
+class TargetMismatch(ToolchainError):
+    """The converted network has a structure the chosen target cannot run (the quantiser refused it)."""
+
+
+def build(options: BuildOptions) -> BuildResult:
+    """The whole build: the SNN, and its fixed-point network where `options.target` runs one."""
+    result = build_snn(options)
+    if graph_kind(options.target) == "fixed":
+        try:
+            result.fixed = quantize(result.snn)
+        except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
+            raise TargetMismatch(f"{options.model}: {exc}") from None
+        result.log["fixed_point"] = result.fixed.report()
+    return result
 
 
 def apply_preprocess_overrides(
@@ -71,7 +93,7 @@ def apply_preprocess_overrides(
 
 
 def load_ann(options: BuildOptions) -> ir.Graph:
-    from toolchain.frontend import load_onnx
+    from toolchain.passes.frontend import load_onnx
 
     ann = load_onnx(options.model)
     ann.preprocess = apply_preprocess_overrides(ann.preprocess, options.scale, options.mean, options.std)
@@ -136,6 +158,8 @@ def write_artifact(result: BuildResult, options: BuildOptions, extra_files: dict
     if options.out is None:
         raise ToolchainError("no output folder given: pass -o OUT")
     files = {**ann_files(Path(options.model)), BUILD_LOG_FILE: json.dumps(result.log, indent=1).encode()}
+    if result.fixed is not None:
+        files.update(fixed_files(result.fixed))
     files.update(extra_files or {})
     return ir.save_graph(result.snn, options.out, files)
 

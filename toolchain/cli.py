@@ -1,7 +1,9 @@
 """`toolchain` command line: build, eval, inspect, report, export.
 
 Every user-facing failure is a `ToolchainError`: printed as one line on stderr, exit 2,
-no traceback, nothing half-written.
+no traceback, nothing half-written. Anything else is a bug of ours (`InternalError`, or an
+exception we did not expect): one line that says so and names the file holding the full
+traceback, exit 3.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import ToolchainError
+from targets import TARGETS
+from toolchain.errors import InternalError, ToolchainError
 
 DEFAULT_STEPS = "1,2,4,8,16,32,64"
 
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="ONNX model -> calibrated SNN artifact")
     build.add_argument("model", type=Path, help="the trained ANN as an ONNX file")
-    build.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
+    build.add_argument("--target", default="torch", choices=tuple(TARGETS))
     build.add_argument("-o", "--out", type=Path, required=True, help="artifact folder to write")
     build.add_argument("--calib", type=Path, help="calibration data (IDX folder, CIFAR folder/.tar.gz, .npz)")
     build.add_argument("--calib-split", default="train", choices=("train", "test"))
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--split", default="test", choices=("train", "test"))
     evaluate.add_argument("-T", "--steps", default=DEFAULT_STEPS, help=f"comma-separated time steps (default {DEFAULT_STEPS})")
-    evaluate.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
+    evaluate.add_argument("--target", default="torch", choices=tuple(TARGETS))
     evaluate.add_argument("--limit", type=_count(1), help="only the first N samples")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
@@ -103,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--data", type=Path, required=True)
     report.add_argument("--split", default="test", choices=("train", "test"))
     report.add_argument("-T", "--steps", type=int, default=32, help="time steps of the report (accuracy also at 1, 2, 4, ...)")
-    report.add_argument("--target", default="torch", choices=("torch", "loihi", "lava"))
+    report.add_argument("--target", default="torch", choices=tuple(TARGETS))
     report.add_argument("--format", choices=("md", "json", "html"), help="default: from -o's suffix, else md")
     report.add_argument("-o", "--out", type=Path, help="file to write (needed for html; md writes its plots beside it)")
     report.add_argument("--energy-model", type=Path, help="JSON or TOML file overriding energy constants")
@@ -124,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from toolchain.build import BuildOptions, build_snn, write_artifact
+    from toolchain.build import BuildOptions, TargetMismatch, build, write_artifact
+    from toolchain.core.ir import GRAPH_FILE
     from toolchain.data import load_dataset
     from toolchain.fileio import check_replaceable
-    from toolchain.ir import GRAPH_FILE
 
     options = BuildOptions(
         model=args.model,
@@ -160,22 +163,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     test = load_dataset(args.data, "test") if args.data is not None else None
     ann = None
     if test is not None:
-        from toolchain.reference import OnnxReference
+        from toolchain.onnx_reference import OnnxReference
 
         ann = OnnxReference(args.model)
-    result = build_snn(options)
-    extra_files: dict[str, bytes] = {}
-    fixed = None
-    if args.target in ("loihi", "lava"):
-        from toolchain.quantize import fixed_files, quantize
-
-        try:
-            fixed = quantize(result.snn)
-        except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
-            raise ToolchainError(f"{args.model}: {exc} (--target {args.target})") from None
-        extra_files = fixed_files(fixed)
-        result.log["fixed_point"] = fixed.report()
-    out = write_artifact(result, options, extra_files)
+    try:
+        result = build(options)
+    except TargetMismatch as exc:  # say which option chose the target that cannot run this model
+        raise ToolchainError(f"{exc} (--target {args.target})") from None
+    fixed = result.fixed
+    out = write_artifact(result, options)
     print(f"wrote {out} ({len(result.snn.nodes)} nodes, target {args.target})")
     for layer in result.log["layers"]:
         silent = layer.get("silent_channels", 0)
@@ -198,7 +194,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, test: Any, ann: Any) -> int:
     """After a build with --data: accuracy at T beside the ANN, Lava validation, report."""
-    from targets.base import open_target
+    from toolchain.backends import open_target
     from toolchain.evaluate import evaluate
     from toolchain.report import SpikeMapRecorder
 
@@ -221,7 +217,7 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
         print(hint)
     status = 0
     if args.validate:
-        from targets.lava.runner import validate
+        from toolchain.validate import validate
 
         x = graph.network_input(test.x[: args.validate])
         check = validate(fixed, x, args.steps)
@@ -266,8 +262,8 @@ def accuracy_hint(args: argparse.Namespace, gap: float, layers: list[dict[str, A
 
 def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
     from toolchain.build import apply_preprocess_overrides
+    from toolchain.core.ir import load_graph
     from toolchain.data import load_dataset
-    from toolchain.ir import load_graph
 
     graph = load_graph(args.artifact)
     graph.preprocess = apply_preprocess_overrides(graph.preprocess, args.scale, args.mean, args.std)
@@ -276,11 +272,11 @@ def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from targets.base import open_target
+    from toolchain.backends import open_target
     from toolchain.build import ANN_FILE
     from toolchain.distributed import launched_by_torchrun, session
     from toolchain.evaluate import evaluate, parse_steps
-    from toolchain.reference import OnnxReference
+    from toolchain.onnx_reference import OnnxReference
 
     steps = parse_steps(args.steps)
     graph, data = _load_artifact_and_data(args)
@@ -318,8 +314,8 @@ def format_eval_table(result: Any, title: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from toolchain.core.ir import load_graph
     from toolchain.inspect import format_rows, inspect_rows
-    from toolchain.ir import load_graph
 
     graph = load_graph(args.artifact)
     rows = inspect_rows(graph)
@@ -362,6 +358,29 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`toolchain inspect OUT | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as error:  # noqa: BLE001 - a bug of ours: one line, the traceback kept in a file
+        path = write_traceback(error)
+        kind = "internal error" if isinstance(error, InternalError) else f"internal error ({type(error).__name__})"
+        print(f"{kind}: {_first_line(error)}; this is a bug in the toolchain, not in your input: "
+              f"please report it with the traceback written to {path}", file=sys.stderr)  # fmt: skip
+        return InternalError.exit_code
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def write_traceback(error: BaseException) -> Path:
+    """The full traceback, in a fresh file of the temporary folder (never among the user's files)."""
+    import tempfile
+    import traceback
+
+    handle, name = tempfile.mkstemp(prefix="toolchain-traceback-", suffix=".txt")
+    with os.fdopen(handle, "w") as file:
+        file.write(f"toolchain {' '.join(sys.argv[1:])}\n\n")
+        file.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    return Path(name)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,15 @@
-"""The one exception type users see: a message that names the file or node and what to do."""
+"""The two kinds of failure: the user's (`ToolchainError`) and ours (`InternalError`)."""
 
 
 class ToolchainError(Exception):
-    """A problem with the user's input or environment; the CLI prints it as one line and exits 2."""
+    """A problem with the user's input or environment; the CLI prints it as one line and exits 2.
+    The message names the file, node or option and what to do."""
 
     exit_code = 2
+
+
+class InternalError(Exception):
+    """A bug in the toolchain met while handling valid-looking input (the message says where).
+    The CLI says so in one line, writes the full traceback to a file it names, and exits 3."""
+
+    exit_code = 3

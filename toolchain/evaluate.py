@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from targets.base import Target
+from toolchain.core.ir import Preprocess
+from toolchain.core.target import Target
 from toolchain.data import Dataset
 from toolchain.errors import ToolchainError
-from toolchain.ir import Preprocess
 from toolchain.progress import Progress
 
 AnnFunction = Callable[[np.ndarray], np.ndarray]

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain import ir
+from toolchain.core import ir
 
 
 def inspect_rows(graph: ir.Graph) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Lower the fixed-point network to Lava processes and run it with `Loihi2SimCfg(select_tag='fixed_pt')`.
 
 Network: a `RingBuffer` (one frame, repeated every step) sends the graded input spikes
-(`toolchain.quantize.encode_input`); each layer is one connection process plus one of our
+(`toolchain.core.fixed.encode_input`); each layer is one connection process plus one of our
 populations (`targets.lava.process`): `Dense` for dense synapses, `Sparse` for
 convolutions (built with `lava.proc.conv.utils.conv_to_sparse` in PyTorch's NCHW order, so
 no kernel flipping or (X, Y, C) transposition is needed on our side), with a preceding
@@ -22,20 +22,25 @@ so the readout at logical step T-1 reflects exactly T steps of input.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 import targets.lava  # noqa: F401  (fails with a clear ToolchainError when Lava is missing)
-from targets.base import SimOutput
-from targets.loihi.emulator import QUANTIZE_OPTIONS, LoihiTarget, Recording
-from toolchain import ir
+from toolchain.core.fixed import (
+    FixedGraph,
+    FixedLayer,
+    Lowering,
+    as_fixed,
+    check_overflow_policy,
+    encode_input,
+    overflow_error,
+)
+from toolchain.core.target import GraphKind, Recording, SimOutput
 from toolchain.errors import ToolchainError
-from toolchain.quantize import FixedGraph, FixedLayer, as_fixed, encode_input
 
 TAGS = ("fixed_pt", "floating_pt")
 
@@ -104,40 +109,41 @@ class _Network:
 
 
 class LavaTarget:
-    """Implements `targets.base.Target` on the Lava CPU simulator.
+    """Implements `toolchain.core.target.Target` on the Lava CPU simulator; runs a `FixedGraph`.
 
-    Options: `fixed` (a pre-quantised FixedGraph), `tag` ("fixed_pt", default, bit-exact with the
-    emulator; or "floating_pt": the same network in float64 models), `record` (keep every IF layer's
-    spikes per step per neuron, for `run_recorded`), `on_overflow` ("raise" or "saturate"), `fast_sparse`
-    (default True: Sparse connections receive binary spikes as 1-bit graded payloads, same sums, faster
-    CSR products), and the keyword
-    arguments of `toolchain.quantize.quantize`. Call `close()` (or use it as a context manager) to stop the
-    Lava runtime.
+    What it runs is chosen as in `targets.loihi.emulator.LoihiTarget`: the FixedGraph given to
+    `prepare`, else `fixed`, else the float SNN lowered by `lower`. Options: `tag` ("fixed_pt",
+    default, bit-exact with the emulator; or "floating_pt": the same network in float64 models),
+    `record` (keep every IF layer's spikes per step per neuron, for `run_recorded`), `on_overflow`
+    ("raise" or "saturate"), `fast_sparse` (default True: Sparse connections receive binary spikes
+    as 1-bit graded payloads, same sums, faster CSR products). Call `close()` (or use it as a
+    context manager) to stop the Lava runtime.
     """
 
-    name = "lava"
+    name: ClassVar[str] = "lava"
+    graph_kind: ClassVar[GraphKind] = "fixed"
 
     def __init__(
         self,
         fixed: FixedGraph | None = None,
+        lower: Lowering | None = None,
         tag: str = "fixed_pt",
         record: bool = False,
         on_overflow: str = "raise",
         fast_sparse: bool = True,
-        **options: object,
     ):
         if tag not in TAGS:
             raise ToolchainError(f"tag={tag!r}: choose one of {', '.join(TAGS)}")
-        if on_overflow not in ("raise", "saturate"):
-            raise ToolchainError(f"on_overflow={on_overflow!r}: choose raise or saturate")
-        self.fixed_option = fixed
+        check_overflow_policy(on_overflow)
+        self.preset = fixed
+        self.lower = lower
         self.fixed = fixed
         self.tag = tag
         self.record = record
+        self.records_spikes = record
         self.on_overflow = on_overflow
         self.fast_sparse = fast_sparse
         self.startup_seconds: float | None = None
-        self.quantize_options = {k: v for k, v in options.items() if k in QUANTIZE_OPTIONS and v is not None}
         self.network: _Network | None = None
         self.overflows: dict[str, int] = {}
         self.seconds_per_sample: float | None = None
@@ -146,8 +152,8 @@ class LavaTarget:
 
     # ----------------------------------------------------------------- build
 
-    def prepare(self, graph: ir.Graph | FixedGraph) -> None:
-        self.fixed = as_fixed(graph, self.fixed_option, self.quantize_options)
+    def prepare(self, graph: Any) -> None:
+        self.fixed = as_fixed(graph, self.preset, self.lower, self.name)
         self.close()
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
 
@@ -289,10 +295,7 @@ class LavaTarget:
             network.overflow_seen[name] = total
             self.overflows[name] = self.overflows.get(name, 0) + new[name]
             if new[name] and self.on_overflow == "raise":
-                raise ToolchainError(
-                    f"layer {name!r}: the 24-bit membrane overflowed {new[name]} times in Lava; quantise with "
-                    "fewer --threshold-bits, run fewer steps, or pass on_overflow='saturate'"
-                )
+                raise overflow_error(name, new[name], " in Lava")
         return new
 
     def run(self, x: np.ndarray, steps: int) -> SimOutput:
@@ -328,105 +331,3 @@ def _stop(process: Any) -> None:
         process.stop()
     except Exception:  # the runtime may already be gone at interpreter exit
         pass
-
-
-def make_target(**options: object) -> LavaTarget:
-    return LavaTarget(**options)  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------ validation
-
-
-@dataclass
-class ValidationReport:
-    samples: int
-    steps: int
-    layers: list[str]
-    mismatch: dict[str, Any] | None  # first difference: layer, sample, step (logical), neuron, lava, emulator
-    readout_equal: bool
-    overflows_lava: dict[str, int]
-    overflows_emulator: dict[str, int]
-    lava_seconds_per_sample: float
-    lava_build_seconds: float
-    lava_startup_seconds: float  # wall time of the first sample: compiling, starting the runtime, running it
-    emulator_seconds: float
-    spikes_compared: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "ok": self.ok, "summary": self.summary()}
-
-    @property
-    def ok(self) -> bool:
-        return self.mismatch is None and self.readout_equal
-
-    def summary(self) -> str:
-        if self.ok:
-            return (
-                f"lava == emulator: {self.spikes_compared} spike slots in {len(self.layers)} layers, "
-                f"{self.samples} samples x {self.steps} steps, identical; readout identical"
-            )
-        if self.mismatch is None:
-            return "spikes identical but the readout accumulators differ"
-        m = self.mismatch
-        return (
-            f"first difference in layer {m['layer']!r}, sample {m['sample']}, step {m['step']}, neuron {m['neuron']}: "
-            f"lava {m['lava']} vs emulator {m['emulator']}"
-        )
-
-
-def validate(graph: ir.Graph | FixedGraph, x_batch: np.ndarray, steps: int, **options: object) -> ValidationReport:
-    """Run the samples through Lava (fixed_pt) and the emulator; compare every IF layer's spikes at
-    every step and the readout accumulators. `options` go to `quantize` (when `graph` is a float SNN)."""
-    fixed = as_fixed(graph, None, options)
-    emulator = LoihiTarget(device="cpu", fixed=fixed, on_overflow="saturate")
-    emulator.prepare(fixed)
-    started = time.perf_counter()
-    expected = emulator.record(x_batch, steps)
-    emulator_seconds = time.perf_counter() - started
-    lava = LavaTarget(fixed=fixed, record=True, on_overflow="saturate")
-    lava.prepare(fixed)
-    try:
-        got = lava.run_recorded(x_batch, steps)
-    finally:
-        lava.close()
-    order = [layer.name for layer in fixed.if_layers]
-    mismatch = first_mismatch(order, got.spikes, expected.spikes)
-    return ValidationReport(
-        samples=len(x_batch),
-        steps=steps,
-        layers=order,
-        mismatch=mismatch,
-        readout_equal=bool(np.array_equal(got.readout, expected.readout)),
-        overflows_lava={k: int(v.sum()) for k, v in got.overflows.items()},
-        overflows_emulator={k: int(v.sum()) for k, v in expected.overflows.items()},
-        lava_seconds_per_sample=float(lava.seconds_per_sample or 0.0),
-        lava_build_seconds=float(lava.build_seconds or 0.0),
-        lava_startup_seconds=float(lava.startup_seconds or 0.0),
-        emulator_seconds=emulator_seconds,
-        spikes_compared=int(sum(v.size for v in expected.spikes.values())),
-    )
-
-
-def first_mismatch(order: list[str], got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, Any] | None:
-    """Earliest (sample, step) first, then the layer order, then the neuron index."""
-    best: tuple[int, int, int, int] | None = None
-    for index, name in enumerate(order):
-        a = got[name].reshape(got[name].shape[0], got[name].shape[1], -1)
-        b = expected[name].reshape(a.shape)
-        diff = np.argwhere(a != b)  # (step, sample, neuron)
-        if len(diff):
-            step, sample, neuron = (int(v) for v in diff[np.lexsort((diff[:, 2], diff[:, 0], diff[:, 1]))[0]])
-            key = (sample, step, index, neuron)
-            best = key if best is None or key < best else best
-    if best is None:
-        return None
-    sample, step, index, neuron = best
-    name = order[index]
-    return {
-        "layer": name,
-        "sample": sample,
-        "step": step,
-        "neuron": neuron,
-        "lava": int(got[name].reshape(got[name].shape[0], got[name].shape[1], -1)[step, sample, neuron]),
-        "emulator": int(expected[name].reshape(expected[name].shape[0], expected[name].shape[1], -1)[step, sample, neuron]),
-    }

@@ -1,1 +1,1 @@
-"""Bit-exact integer emulator of the Loihi-style fixed-point network (`toolchain.quantize`)."""
+"""Bit-exact integer emulator of the Loihi-style fixed-point network (`toolchain.core.fixed`)."""

@@ -1,7 +1,7 @@
 """Bit-exact emulator of the fixed-point network in torch: batched, CPU or CUDA.
 
 It does exactly the integer arithmetic of our Lava process models
-(`targets.lava.process`, see `toolchain.quantize` for the scheme):
+(`targets.lava.process`, see `toolchain.core.fixed` for the arithmetic):
 
     synapse:  a = sum(q * s) over the (sum-pooled) source, then << weight_exp
               (arithmetic >> when negative, i.e. floor)
@@ -55,17 +55,25 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from targets.base import SimOutput
-from toolchain import ir
+from toolchain.core.fixed import (
+    V_MAX,
+    FixedGraph,
+    FixedLayer,
+    Lowering,
+    as_fixed,
+    check_overflow_policy,
+    encode_input,
+    overflow_error,
+)
+from toolchain.core.target import GraphKind, Recording, SimOutput
 from toolchain.errors import ToolchainError
-from toolchain.quantize import V_MAX, FixedGraph, FixedLayer, as_fixed, encode_input
 
-QUANTIZE_OPTIONS = ("threshold_bits", "weight_bits", "input_bits", "input_range", "calibration", "max_dense_weights")
 ARITHMETIC = ("auto", "int64")
 CHUNK_ELEMENTS = 2**25  # int64 path: float64 elements per synapse call (about 256 MiB)
 # Default batch: T x batch x (largest population) elements per activation tensor. About 16 MiB of
@@ -82,18 +90,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@dataclass
-class Recording:
-    """Everything one batch run produced, in logical time (step k of each layer)."""
-
-    spikes: dict[str, np.ndarray]  # IF layer -> (T, B, *shape) bool
-    readout: np.ndarray  # (T, B, classes) int64 accumulator
-    # layer -> saturation counts: per step (T,) from the emulator, one total (1,) from Lava
-    overflows: dict[str, np.ndarray] = field(default_factory=dict)
-    counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (T,) spikes summed over batch
-    neuron_counts: dict[str, np.ndarray] = field(default_factory=dict)  # IF layer -> (n,) summed over T and batch
 
 
 # ------------------------------------------------------------------ bounds
@@ -432,7 +428,7 @@ class Emulator:
         """Graded input spikes (B, *input_shape) -> a Recording in logical time."""
         x = torch.as_tensor(np.asarray(x_u), device=self.device)
         if x.numel() and (int(x.min()) < 0 or int(x.max()) > self.input_max):
-            raise ToolchainError(f"graded input outside 0..{self.input_max}: encode it with toolchain.quantize.encode_input")
+            raise ToolchainError(f"graded input outside 0..{self.input_max}: encode it with toolchain.core.fixed.encode_input")
         with _threads(self.threads):
             if self.plans is None:
                 return self._run_int64(x, steps, keep_spikes)
@@ -641,51 +637,53 @@ class Emulator:
 
 
 class LoihiTarget:
-    """Fixed-point emulation; implements `targets.base.Target`.
+    """Fixed-point emulation; implements `toolchain.core.target.Target`.
 
-    Options: `device` ("auto", "cpu", "cuda"); `fixed` (a pre-quantised FixedGraph, used instead of
-    quantising the graph given to `prepare`); `on_overflow` ("raise" or "saturate": membrane overflow raises
-    a ToolchainError naming the layer, or is saturated and counted in `self.overflows`); `batch_size`
-    (None: sized per T to keep the activations cache-friendly, see `Emulator.batch_size`); `arithmetic`
-    ("auto": the fast float path where proven exact; "int64": the integer reference path; same bits);
-    `threads` (torch's CPU threads during a run, default 1; see `Emulator`); and the keyword arguments
-    of `toolchain.quantize.quantize` (threshold_bits, weight_bits, input_bits, input_range, calibration,
-    max_dense_weights).
+    Runs a `FixedGraph` (`graph_kind` "fixed"): the one given to `prepare`, else `fixed` (a network
+    quantised at build time), else the float SNN given to `prepare` lowered by `lower` (the quantise
+    pass, which `toolchain.backends.get_target` hands over with its options; backends do not import
+    passes). Options: `device` ("auto", "cpu", "cuda"); `on_overflow` ("raise" or
+    "saturate": membrane overflow raises a ToolchainError naming the layer, or is saturated and counted
+    in `self.overflows`); `batch_size` (None: sized per T to keep the activations cache-friendly, see
+    `Emulator.batch_size`); `arithmetic` ("auto": the fast float path where proven exact; "int64": the
+    integer reference path; same bits); `threads` (torch's CPU threads during a run, default 1; see
+    `Emulator`).
     """
 
-    name = "loihi"
+    name: ClassVar[str] = "loihi"
+    graph_kind: ClassVar[GraphKind] = "fixed"
 
     def __init__(
         self,
         device: str = "auto",
         fixed: FixedGraph | None = None,
+        lower: Lowering | None = None,
         on_overflow: str = "raise",
         batch_size: int | None = None,
         arithmetic: str = "auto",
         threads: int | None = 1,
-        **options: object,
     ):
-        if on_overflow not in ("raise", "saturate"):
-            raise ToolchainError(f"on_overflow={on_overflow!r}: choose raise or saturate")
+        check_overflow_policy(on_overflow)
         if arithmetic not in ARITHMETIC:
             raise ToolchainError(f"arithmetic={arithmetic!r}: choose one of {', '.join(ARITHMETIC)}")
         self.device = resolve_device(device)
-        self.fixed_option = fixed
+        self.preset = fixed
+        self.lower = lower
         self.fixed = fixed
+        self.records_spikes = True
         self.on_overflow = on_overflow
         self.batch_size = None if batch_size is None else max(1, int(batch_size))
         self.arithmetic = arithmetic
         self.threads = threads
-        self.quantize_options = {k: v for k, v in options.items() if k in QUANTIZE_OPTIONS and v is not None}
         self.emulator: Emulator | None = None
         self.overflows: dict[str, int] = {}
 
-    def prepare(self, graph: ir.Graph | FixedGraph) -> None:
-        self.fixed = as_fixed(graph, self.fixed_option, self.quantize_options)
+    def prepare(self, graph: Any) -> None:
+        self.fixed = as_fixed(graph, self.preset, self.lower, self.name)
         self.emulator = Emulator(self.fixed, self.device, self.arithmetic, self.threads)
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
 
-    def record(self, x: np.ndarray, steps: int) -> Recording:
+    def run_recorded(self, x: np.ndarray, steps: int) -> Recording:
         """Every layer's spikes per step per neuron (logical time), the readout accumulator, overflows."""
         assert self.emulator is not None and self.fixed is not None, "prepare() first"
         recording = self.emulator.run_encoded(encode_input(self.fixed, x), steps, keep_spikes=True)
@@ -709,9 +707,11 @@ class LoihiTarget:
                 for name, count in recording.neuron_counts.items():
                     per_neuron[name] = per_neuron.get(name, 0) + count.astype(np.float64)
         readout = np.concatenate(readouts, axis=1).astype(np.float64) * _scale(readout_layer)
-        out = SimOutput(readout=readout.astype(np.float32), spikes=spikes)
-        out.neuron_spikes = per_neuron  # type: ignore[attr-defined]  # per-neuron totals, for exact SynOps
-        return out
+        # per-neuron totals, for exact synaptic-operation counts
+        return SimOutput(readout=readout.astype(np.float32), spikes=spikes, neuron_spikes=per_neuron)
+
+    def close(self) -> None:
+        """Nothing to release: the emulator holds only tensors."""
 
     def _check_overflow(self, overflows: dict[str, np.ndarray]) -> None:
         for name, per_step in overflows.items():
@@ -719,16 +719,9 @@ class LoihiTarget:
             self.overflows[name] = self.overflows.get(name, 0) + total
             if total and self.on_overflow == "raise":
                 first = int(np.flatnonzero(per_step)[0])
-                raise ToolchainError(
-                    f"layer {name!r}: the 24-bit membrane overflowed {total} times (first at step {first}); "
-                    "quantise with fewer --threshold-bits, run fewer steps, or pass on_overflow='saturate'"
-                )
+                raise overflow_error(name, total, f" (first at step {first})")
 
 
 def _scale(layer: FixedLayer) -> np.ndarray:
     scale = np.asarray(layer.scale, np.float64).reshape(-1)
     return scale if scale.size > 1 else scale[0]
-
-
-def make_target(**options: object) -> LoihiTarget:
-    return LoihiTarget(**options)  # type: ignore[arg-type]

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.core.ir import Graph
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Evaluation
-from toolchain.ir import Graph
 from toolchain.report.assemble import build_report, report_steps
 from toolchain.report.energy import EnergyModel, load_energy_model
 from toolchain.report.record import SpikeMapRecorder

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain import ir
+from toolchain.core import ir
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Evaluation
 from toolchain.report.counts import populations, synapse_depth, total_ann_macs

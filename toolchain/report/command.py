@@ -9,12 +9,12 @@ from toolchain.errors import ToolchainError
 
 
 def run(args: argparse.Namespace) -> int:
-    from targets.base import open_target
+    from toolchain.backends import open_target
     from toolchain.build import ANN_FILE, apply_preprocess_overrides
+    from toolchain.core.ir import load_graph
     from toolchain.data import load_dataset
     from toolchain.evaluate import evaluate
-    from toolchain.ir import load_graph
-    from toolchain.reference import OnnxReference
+    from toolchain.onnx_reference import OnnxReference
     from toolchain.report import FORMATS, SpikeMapRecorder, format_from_path, load_energy_model, report_steps, write_report
 
     fmt = args.format or format_from_path(args.out)
@@ -47,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
             progress=False if quiet else None, label=f"{args.target} T={max(steps)}",
         )
     finally:
-        close = getattr(inner, "close", None)  # the Lava runtime holds OS processes
-        if callable(close):
-            close()
+        inner.close()  # the Lava runtime holds OS processes
     result = write_report(
         args.artifact, evaluation, graph, fmt, args.out, energy_model=model, target=args.target,
         spike_maps=target.maps, data=data.source,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain import ir
+from toolchain.core import ir
 from toolchain.errors import ToolchainError
 
 NEURON_OPS = ("if", "readout")
@@ -155,7 +155,7 @@ def _may_merge_paths(graph: ir.Graph, source: str, chain: list[ir.Node]) -> bool
             spread[node.name] = any_spread
         elif isinstance(node, ir.Concat):
             spread[node.name] = any_spread or len(live) > 1
-        elif isinstance(node, (ir.Flatten, ir.Affine)):
+        elif isinstance(node, (ir.Flatten, ir.ScaleShift)):
             spread[node.name] = any_spread
         elif isinstance(node, (ir.AvgPool2d, ir.MaxPool2d)):
             fans_in = node.kernel[0] * node.kernel[1] > 1
@@ -195,7 +195,7 @@ def _is_simple_spatial_chain(graph: ir.Graph, source: str, chain: list[ir.Node],
         return False
     previous = source
     for node in chain:
-        if not isinstance(node, (ir.Conv2d, ir.AvgPool2d, ir.MaxPool2d, ir.Affine)) or node.inputs != [previous]:
+        if not isinstance(node, (ir.Conv2d, ir.AvgPool2d, ir.MaxPool2d, ir.ScaleShift)) or node.inputs != [previous]:
             return False
         previous = node.name
     return all(graph.node(t).inputs == [previous] for t in targets)

@@ -9,8 +9,8 @@ by neuron.
 
 The torch target runs as itself, with an observer slipped into its executor. Any other target can
 offer the same by returning a `neuron_spikes` mapping (layer -> per-neuron counts,
-summed over batch and steps) on its `SimOutput`. A target with a `record(x, steps)`
-method returning per-step, per-neuron spikes (the Loihi emulator) is run a second time
+summed over batch and steps) on its `SimOutput`. A target with a `run_recorded(x, steps)`
+method returning per-step, per-neuron spikes (the fixed-point ones) is run a second time
 through it (pass `rerun=False` to avoid that). Otherwise the maps are dropped and the
 report falls back to the estimate (and says so).
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from targets.base import SimOutput, Target
-from toolchain import ir
+from toolchain.core import ir
+from toolchain.core.target import RecordingTarget, SimOutput, Target
 
 
 class SpikeMapRecorder:
@@ -46,8 +46,8 @@ class SpikeMapRecorder:
             out, maps = _run_torch(self.target, x, steps)
         else:
             out = self.target.run(x, steps)
-            maps = getattr(out, "neuron_spikes", None)
-            if maps is None and self.rerun and callable(getattr(self.target, "record", None)):
+            maps = out.neuron_spikes
+            if maps is None and self.rerun and isinstance(self.target, RecordingTarget) and self.target.records_spikes:
                 maps = _recorded_maps(self.target, x, steps, out)
         if maps is None:
             self.maps = None
@@ -59,11 +59,11 @@ class SpikeMapRecorder:
 
 
 def _recorded_maps(target: Any, x: np.ndarray, steps: int, out: SimOutput) -> dict[str, np.ndarray] | None:
-    """Per-neuron counts from a target's `record(x, steps)` (the Loihi emulator's), run a second time.
+    """Per-neuron counts from a target's `run_recorded(x, steps)`, run a second time.
 
     Used only when they agree with the counts of the run itself; otherwise there are no maps.
     """
-    recording = target.record(x, steps)
+    recording = target.run_recorded(x, steps)
     maps = {name: np.asarray(spikes).sum((0, 1), dtype=np.float64).reshape(-1) for name, spikes in recording.spikes.items()}
     for name, counts in out.spikes.items():
         if name not in maps or maps[name].sum() != float(np.sum(counts)):

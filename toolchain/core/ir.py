@@ -145,12 +145,12 @@ class Concat(Node):
 
 
 @dataclass
-class Affine(Node):
-    """Per-channel `x * scale + shift` (a batch norm with nothing to fold into)."""
+class ScaleShift(Node):
+    """Per-channel `x * scale + shift` (a batch norm with nothing to fold into): not a W x + b."""
 
     scale: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
     shift: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
-    op: ClassVar[str] = "affine"
+    op: ClassVar[str] = "affine"  # the name artifacts already on disk carry
 
 
 @dataclass
@@ -189,7 +189,7 @@ class Readout(Node):
 
 NODE_TYPES: dict[str, type[Node]] = {
     cls.op: cls
-    for cls in (Conv2d, Linear, AvgPool2d, MaxPool2d, Flatten, Add, Concat, Affine, Relu, IFNeuron, Readout)
+    for cls in (Conv2d, Linear, AvgPool2d, MaxPool2d, Flatten, Add, Concat, ScaleShift, Relu, IFNeuron, Readout)
 }
 SYNAPSE_OPS = ("conv2d", "linear")
 
@@ -259,7 +259,7 @@ class Graph:
             shapes[n.name] = n.shape
 
     def num_params(self, node: Node) -> int:
-        return sum(int(v.size) for v in _arrays(node).values())
+        return sum(int(v.size) for v in node_arrays(node).values())
 
 
 def _window_out(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
@@ -275,7 +275,7 @@ def _pool_shape(shape: Shape, kernel: tuple[int, int], stride: tuple[int, int], 
     )
 
 
-def _arrays(node: Node) -> dict[str, np.ndarray]:
+def node_arrays(node: Node) -> dict[str, np.ndarray]:
     return {
         f.name: getattr(node, f.name)
         for f in dataclasses.fields(node)
@@ -329,7 +329,7 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
 
 
 def graph_tensors(graph: Graph) -> dict[str, np.ndarray]:
-    return {f"{n.name}/{k}": v for n in graph.nodes for k, v in _arrays(n).items()}
+    return {f"{n.name}/{k}": v for n in graph.nodes for k, v in node_arrays(n).items()}
 
 
 def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:

@@ -1,11 +1,9 @@
-"""Float SNN IR -> Loihi-style fixed-point IR (`FixedGraph`).
+"""Float SNN IR -> Loihi-style fixed-point IR (`toolchain.core.fixed.FixedGraph`).
 
-The fixed-point network is a chain (or tree) of *layers*. A layer is one neuron
-population (an `IFNeuron` of the SNN graph, or the final `Readout`) together with
-the one synapse that feeds it from its *source* (another population, or the
-network input). Everything between two populations in the float graph (average
-pooling, flatten, linear/conv maps, affine maps, consecutive linear maps) is
-folded into that one synapse.
+Everything between two populations in the float graph (average pooling, flatten,
+linear/conv maps, per-channel scale-shifts, consecutive linear maps) is folded into
+the one synapse of a fixed-point layer. The arithmetic the result means is described
+in `toolchain.core.fixed`; this pass chooses its numbers.
 
 Scheme
 ------
@@ -22,182 +20,51 @@ Scheme
   largest normalised weight exceeds `max_row_ratio` times the median channel's
   get their threshold and v0 raised to fit (the next layer compensates exactly;
   reported as `raised_channels` in the layer stats).
-* **Synapse arithmetic** (per step, integers): `a = sum(q * s)`, then
-  `a << weight_exp` (or an arithmetic right shift, i.e. floor, when the exponent
-  is negative; the bias then gets +1/2 unit to cancel the floor's mean error).
-  An optional non-overlapping *sum*-pooling (`pool`, kernel ==
-  stride) is applied to the source first; its 1/k^2 is folded into `q`.
-  Convolutions use PyTorch's layout and correlation; `padding` is
-  (top, left, bottom, right).
-* **Neurons** (24-bit membrane, one threshold per population):
-  `v += a + (bias_mant << bias_exp)`; saturate v to +-(2**23 - 1), counting every
-  saturation as an overflow; `s = v >= threshold`; `v -= s * threshold`.
-  `bias_mant` is 13-bit signed per neuron, `bias_exp` in [0, 7] per population,
-  `v0` an integer per neuron (from the IR's v0, e.g. theta/2).
-* **Readout**: the same with no threshold: `acc += a + bias`, saturated at 24
-  bits; its float value is `acc * scale`.
-* **Input: graded spikes.** The analog, preprocessed input x enters as an
-  unsigned `input_bits`-bit graded spike per pixel at every step:
-  `x_u = clip(round((x - input_offset_c) / input_step_c), 0, 2**input_bits - 1)`
-  per channel (see `encode_input`). The offset's contribution
-  `W @ input_offset` is folded into the first layer's bias, so the first
-  synapse sees only non-negative payloads. With the default range (raw uint8
-  pixels through the graph's `Preprocess`) `x_u` is exactly the raw pixel value.
-* **Delays.** Every connection adds one time step (Lava semantics), so layer l
-  at depth d_l (its number of connections from the input) sees at step t the
-  input of step t - d_l. The float semantics are reproduced exactly by resetting
-  each population to v0 at its own depth; `FixedGraph.depth` gives d_l. The
-  emulator works in this *logical* time (step k of every layer belongs to input
-  step k), so its readout at step T-1 has integrated exactly T steps of input;
-  the Lava runner reads layer l at its steps d_l .. d_l + T - 1.
-* **Folding.** Between two populations: affines (per channel), at most one
+* **Biases.** With a negative weight exponent the synapse floors; the bias then
+  gets +1/2 unit to cancel the floor's mean error. The input offset's
+  contribution `W @ input_offset` is folded into the first layer's bias, so the
+  first synapse sees only non-negative payloads. With the default input range
+  (raw uint8 pixels through the graph's `Preprocess`) the graded input spike is
+  exactly the raw pixel value.
+* **Initial potentials.** `v0` an integer per neuron, from the IR's v0 (e.g. theta/2).
+* **Delays.** The float semantics are reproduced exactly by resetting each
+  population to v0 at its own depth (`FixedGraph.depth`).
+* **Folding.** Between two populations: scale-shifts (per channel), at most one
   leading non-overlapping average pool (kept as the sum-pool), then one conv
   ("conv" synapse); any other linear chain (flatten, linear maps, overlapping or
   padded pools, several convs) is probed into a "dense" matrix (up to
-  `max_dense_weights` entries). Biases, affine shifts and the input offset are
-  probed into a per-neuron bias.
+  `max_dense_weights` entries). Biases, shifts and the input offset are probed
+  into a per-neuron bias. The float chain is evaluated by the one interpreter of
+  the op semantics (`toolchain.core.interpreter`) in float64.
 
-Overflow of the 24-bit membrane is never silent: the quantiser refuses values
-that cannot fit (bias, v0, threshold), reports per layer a conservative number
-of steps that is guaranteed overflow-free (`safe_steps`), and the emulator and
-the Lava models count saturations (the emulator raises by default).
-
-Saved next to the float artifact as `fixed_graph.json` + `fixed_tensors.npz`
-(numpy only). Unsupported structures (residual `Add`, `Concat`, spiking
-`MaxPool2d`) raise `ToolchainError` naming the node.
+The quantiser refuses values that cannot fit the 24-bit membrane (bias, v0,
+threshold) and reports per layer a conservative number of steps that is guaranteed
+overflow-free (`safe_steps`). Unsupported structures (residual `Add`, `Concat`,
+spiking `MaxPool2d`) raise `ToolchainError` naming the node.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from toolchain import ir
+from toolchain.core import ir
+from toolchain.core.fixed import (
+    BIAS_EXP_MAX,
+    BIAS_MANT_MAX,
+    V_BITS,
+    V_MAX,
+    WEIGHT_EXP_RANGE,
+    FixedGraph,
+    FixedLayer,
+    Shape,
+    channel_scalar_or_vector,
+    per_channel,
+)
 from toolchain.errors import ToolchainError
-from toolchain.fileio import atomic_directory, pack_document, read_document
-
-FIXED_SCHEMA_VERSION = 1
-FIXED_GRAPH_FILE = "fixed_graph.json"
-FIXED_TENSORS_FILE = "fixed_tensors.npz"
-
-V_BITS = 24
-V_MAX = 2 ** (V_BITS - 1) - 1  # membrane saturates at +-V_MAX (as Lava's LIF clips v)
-BIAS_MANT_MAX = 2**12 - 1  # 13-bit signed mantissa
-BIAS_EXP_MAX = 7  # 3-bit exponent
-WEIGHT_EXP_RANGE = (-8, 7)
-
-Shape = tuple[int, ...]
-
-
-@dataclass
-class FixedLayer:
-    """One population and the synapse that feeds it."""
-
-    name: str  # the IF (or Readout) node of the SNN graph
-    kind: str  # "if" | "readout"
-    source: str | None  # the source layer's name; None for the network input
-    synapse: str  # "conv" | "dense"
-    in_shape: Shape  # shape of the source population (before `pool`)
-    shape: Shape  # shape of this population
-    weight: np.ndarray  # int8 mantissas: conv (C_out, C_in/groups, kh, kw), dense (out, in after pool+flatten)
-    weight_exp: int
-    bias_mant: np.ndarray  # int16, per neuron (shape)
-    bias_exp: int
-    threshold: int  # IF: the integer threshold; readout: 0
-    v0: np.ndarray  # int32, per neuron (shape)
-    scale: np.ndarray  # float64 value of one membrane unit (per channel or scalar): theta_c / threshold
-    pool: tuple[int, int] = (1, 1)  # non-overlapping sum-pool applied to the source first
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    nodes: list[str] = field(default_factory=list)  # float IR nodes folded into this layer
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pooled_shape(self) -> Shape:
-        if self.pool == (1, 1):
-            return tuple(self.in_shape)
-        c, h, w = self.in_shape
-        return (c, h // self.pool[0], w // self.pool[1])
-
-    @property
-    def size(self) -> int:
-        return int(math.prod(self.shape))
-
-    def bias(self) -> np.ndarray:
-        """The per-neuron bias as one int64 array: bias_mant << bias_exp."""
-        return self.bias_mant.astype(np.int64) << self.bias_exp
-
-
-@dataclass
-class FixedGraph:
-    input_name: str
-    input_shape: Shape
-    input_bits: int
-    input_offset: np.ndarray  # float64, per channel (or scalar)
-    input_step: np.ndarray  # float64, per channel (or scalar)
-    layers: list[FixedLayer]
-    output: str  # the readout layer's name
-    v_bits: int = V_BITS
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def layer(self, name: str) -> FixedLayer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    @property
-    def depth(self) -> dict[str, int]:
-        """Number of connections (each one step of delay in Lava) from the input to each layer."""
-        depth: dict[str, int] = {}
-        for layer in self.layers:
-            depth[layer.name] = 1 + (0 if layer.source is None else depth[layer.source])
-        return depth
-
-    @property
-    def if_layers(self) -> list[FixedLayer]:
-        return [layer for layer in self.layers if layer.kind == "if"]
-
-    def report(self) -> list[dict[str, Any]]:
-        """Per-layer summary for the build log."""
-        return [
-            {
-                "layer": layer.name,
-                "kind": layer.kind,
-                "synapse": layer.synapse + ("+sumpool" if layer.pool != (1, 1) else ""),
-                "nodes": list(layer.nodes),
-                "threshold": layer.threshold,
-                "weight_exp": layer.weight_exp,
-                "bias_exp": layer.bias_exp,
-                **layer.stats,
-            }
-            for layer in self.layers
-        ]
-
-
-# ----------------------------------------------------------------- helpers
-
-
-def _per_channel(values: np.ndarray | float, shape: Shape) -> np.ndarray:
-    """A scalar or per-channel vector broadcast to a population shape (channels first)."""
-    values = np.asarray(values, np.float64).reshape(-1)
-    if values.size == 1:
-        return np.full(shape, values[0])
-    if values.size != shape[0]:
-        raise ToolchainError(f"{values.size} per-channel values for a population of shape {shape}")
-    return np.broadcast_to(values.reshape((-1,) + (1,) * (len(shape) - 1)), shape).astype(np.float64)
-
-
-def _channel_scalar_or_vector(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values, np.float64).reshape(-1)
-    return values[:1] if np.all(values == values[0]) else values
 
 
 def _pool_shape(shape: Shape, pool: tuple[int, int]) -> Shape:
@@ -254,7 +121,7 @@ def _chains(graph: ir.Graph) -> list[_Chain]:
         current = node.inputs[0]
         while current != graph.input_name and not isinstance(by_name[current], ir.IFNeuron):
             op = by_name[current]
-            if not isinstance(op, (ir.Conv2d, ir.Linear, ir.AvgPool2d, ir.Flatten, ir.Affine)):
+            if not isinstance(op, (ir.Conv2d, ir.Linear, ir.AvgPool2d, ir.Flatten, ir.ScaleShift)):
                 raise ToolchainError(
                     f"node {op.name!r} ({op.op}) cannot be lowered to a Loihi synapse; "
                     "only conv2d, linear, avgpool2d, flatten and affine may sit between neuron layers"
@@ -278,44 +145,23 @@ def _chains(graph: ir.Graph) -> list[_Chain]:
 
 
 def _apply_chain(nodes: list[ir.Node], x: Any, linear_only: bool) -> Any:
-    """Apply the float ops of a chain to a float64 torch batch (N, *shape).
+    """Apply the float ops of a chain to a float64 torch batch (N, *shape), through the one
+    interpreter of the op semantics (one time step).
 
-    `linear_only` drops biases and affine shifts (the chain's linear part)."""
+    `linear_only` drops biases and scale-shift offsets (the chain's linear part)."""
     import torch
-    import torch.nn.functional as F
 
-    def t(array: np.ndarray | None) -> Any:
-        return None if array is None else torch.as_tensor(np.asarray(array, np.float64))
+    from toolchain.core.interpreter import OPS, CompiledNode
 
-    def pad(y: Any, padding: tuple[int, ...], value: float = 0.0) -> Any:
-        top, left, bottom, right = padding
-        return F.pad(y, (left, right, top, bottom), value=value)
-
-    def view(values: np.ndarray, ndim: int) -> Any:
-        v = t(values)
-        return v.reshape(()) if v.numel() == 1 else v.reshape((1, -1) + (1,) * (ndim - 2))
-
+    y = x.unsqueeze(0)  # the interpreter's leading time axis: one step
     for n in nodes:
-        if isinstance(n, ir.Conv2d):
-            bias = None if linear_only else t(n.bias)
-            x = F.conv2d(pad(x, n.padding), t(n.weight), bias, n.stride, 0, n.dilation, n.groups)
-        elif isinstance(n, ir.Linear):
-            x = F.linear(x, t(n.weight), None if linear_only else t(n.bias))
-        elif isinstance(n, ir.AvgPool2d):
-            y = F.avg_pool2d(pad(x, n.padding), n.kernel, n.stride, 0, count_include_pad=True)
-            if not n.uniform_divisor:
-                area = n.kernel[0] * n.kernel[1]
-                y = y * (area / torch.as_tensor(n.cell_counts(*x.shape[-2:]), dtype=y.dtype, device=y.device))
-            x = y
-        elif isinstance(n, ir.Flatten):
-            x = x.flatten(1)
-        elif isinstance(n, ir.Affine):
-            x = x * view(n.scale, x.ndim)
-            if not linear_only:
-                x = x + view(n.shift, x.ndim)
-        else:  # pragma: no cover - _chains filters
-            raise ToolchainError(f"node {n.name!r}: unexpected op {n.op}")
-    return x
+        tensors = {k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in ir.node_arrays(n).items()}
+        if linear_only:
+            tensors.pop("bias", None)
+            if "shift" in tensors:
+                tensors["shift"] = torch.zeros_like(tensors["shift"])
+        y = OPS[n.op](CompiledNode(n, tensors), [y], 1)
+    return y[0]
 
 
 def _dense_matrix(nodes: list[ir.Node], in_shape: Shape, max_entries: int, target: str) -> np.ndarray:
@@ -363,7 +209,7 @@ def _split_pool(nodes: list[ir.Node], in_shape: Shape) -> tuple[tuple[int, int],
     Per-channel affines commute with pooling, so they may sit before it. Returns the pool
     kernel and the rest of the chain (to be applied to the *averaged* pooled input)."""
     for index, n in enumerate(nodes):
-        if isinstance(n, ir.Affine):
+        if isinstance(n, ir.ScaleShift):
             continue
         if isinstance(n, ir.AvgPool2d) and len(in_shape) == 3 and tuple(n.kernel) == tuple(n.stride) and not any(n.padding):
             return tuple(n.kernel), nodes[:index] + nodes[index + 1 :]  # type: ignore[return-value]
@@ -376,7 +222,7 @@ def _lower_chain(chain: _Chain, in_shape: Shape, max_entries: int) -> _Synapse:
     pool, rest = _split_pool(chain.nodes, in_shape)
     pooled = _pool_shape(in_shape, pool)
     area = pool[0] * pool[1]
-    mains = [n for n in rest if not isinstance(n, ir.Affine)]
+    mains = [n for n in rest if not isinstance(n, ir.ScaleShift)]
     if len(pooled) == 3 and len(mains) <= 1 and (not mains or isinstance(mains[0], ir.Conv2d)):
         channels = pooled[0]
         if mains:
@@ -542,8 +388,8 @@ def quantize(
             dst = np.broadcast_to(theta, (c_out,))
             normalised = syn.weight * (src[in_channel] / dst[:, None])[:, :, None, None]
         else:
-            src = _per_channel(src_theta, pooled).reshape(-1)
-            dst = _per_channel(theta, shape).reshape(-1)
+            src = per_channel(src_theta, pooled).reshape(-1)
+            dst = per_channel(theta, shape).reshape(-1)
             normalised = syn.weight * src[None, :] / dst[:, None]
         raised = np.ones(1)
         if is_if and max_row_ratio:
@@ -551,16 +397,16 @@ def quantize(
         q, weight_exp, big_theta = _quantize_weights(normalised, threshold_bits, qmax)
 
         # bias: the full chain (biases, shifts, the input offset) applied to the base input
-        base = _per_channel(lo, in_shape) if chain.source is None else np.zeros(in_shape)
+        base = per_channel(lo, in_shape) if chain.source is None else np.zeros(in_shape)
         with torch.inference_mode():
             beta = _apply_chain(chain.nodes, torch.as_tensor(base[None]), False)[0].numpy().reshape(shape)
-        theta_full = _per_channel(theta, shape)
+        theta_full = per_channel(theta, shape)
         bias_float = beta / theta_full * big_theta
         if weight_exp < 0:  # the synapse floors (arithmetic shift): compensate its mean error of -1/2 unit
             bias_float = bias_float + 0.5
         bias_mant, bias_exp = _quantize_bias(bias_float, target.name)
         if is_if:
-            v0 = _per_channel(target.v0, shape) * _per_channel(raised, shape)  # type: ignore[attr-defined]
+            v0 = per_channel(target.v0, shape) * per_channel(raised, shape)  # type: ignore[attr-defined]
             v0_float = v0 / theta_full * big_theta
         else:
             v0_float = np.zeros(shape)
@@ -583,7 +429,7 @@ def quantize(
             bias_exp=bias_exp,
             threshold=big_theta if is_if else 0,
             v0=v0,
-            scale=_channel_scalar_or_vector(theta / big_theta),
+            scale=channel_scalar_or_vector(theta / big_theta),
             pool=syn.pool,
             stride=syn.stride,
             padding=syn.padding,
@@ -608,8 +454,8 @@ def quantize(
         input_name=graph.input_name,
         input_shape=tuple(graph.input_shape),
         input_bits=input_bits,
-        input_offset=_channel_scalar_or_vector(lo),
-        input_step=_channel_scalar_or_vector(step),
+        input_offset=channel_scalar_or_vector(lo),
+        input_step=channel_scalar_or_vector(step),
         layers=layers,
         output=graph.output,
         meta={
@@ -643,106 +489,3 @@ def _safe_steps(layer: FixedLayer, payload_max: int) -> int:
     if headroom <= 0:
         return 0
     return int(min(headroom // growth, 2**31 - 1)) if growth > 0 else 2**31 - 1
-
-
-# ------------------------------------------------------------ input encoding
-
-
-def encode_input(fixed: FixedGraph, x: np.ndarray) -> np.ndarray:
-    """Preprocessed float input (B, *input_shape) -> unsigned graded spikes, int32."""
-    x = np.asarray(x, np.float64)
-    if tuple(x.shape[1:]) != tuple(fixed.input_shape):
-        raise ToolchainError(f"input of shape {x.shape[1:]}, the network expects {fixed.input_shape}")
-    offset = _per_channel(fixed.input_offset, fixed.input_shape)
-    step = _per_channel(fixed.input_step, fixed.input_shape)
-    top = 2**fixed.input_bits - 1
-    return np.clip(np.round((x - offset) / step), 0, top).astype(np.int32)
-
-
-# ---------------------------------------------------------------- save / load
-
-
-def _layer_to_json(index: int, layer: FixedLayer) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    for f in dataclasses.fields(layer):
-        value = getattr(layer, f.name)
-        if isinstance(value, np.ndarray):
-            record[f.name] = {"tensor": f"{index}/{f.name}"}
-        elif isinstance(value, tuple):
-            record[f.name] = list(value)
-        else:
-            record[f.name] = value
-    return record
-
-
-def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
-    """The two files that store a FixedGraph (for `ir.save_graph(..., extra_files=...)`)."""
-    tensors: dict[str, np.ndarray] = {"input_offset": fixed.input_offset, "input_step": fixed.input_step}
-    for index, layer in enumerate(fixed.layers):
-        for f in dataclasses.fields(layer):
-            value = getattr(layer, f.name)
-            if isinstance(value, np.ndarray):
-                tensors[f"{index}/{f.name}"] = value
-    document = {
-        "schema_version": FIXED_SCHEMA_VERSION,
-        "input_name": fixed.input_name,
-        "input_shape": list(fixed.input_shape),
-        "input_bits": fixed.input_bits,
-        "output": fixed.output,
-        "v_bits": fixed.v_bits,
-        "meta": fixed.meta,
-        "layers": [_layer_to_json(i, layer) for i, layer in enumerate(fixed.layers)],
-    }
-    return pack_document(document, tensors, FIXED_GRAPH_FILE, FIXED_TENSORS_FILE)
-
-
-def save_fixed(fixed: FixedGraph, directory: str | Path) -> Path:
-    """Write a FixedGraph into its own directory (atomically)."""
-
-    return atomic_directory(Path(directory), fixed_files(fixed), FIXED_GRAPH_FILE)
-
-
-def has_fixed(directory: str | Path) -> bool:
-    return (Path(directory) / FIXED_GRAPH_FILE).is_file()
-
-
-def load_fixed(directory: str | Path) -> FixedGraph:
-    """Read a FixedGraph from a directory holding `fixed_graph.json` (a build artifact or `save_fixed`)."""
-    document, tensors = read_document(
-        Path(directory), FIXED_GRAPH_FILE, FIXED_TENSORS_FILE, FIXED_SCHEMA_VERSION,
-        "no fixed-point network; build with --target loihi or lava",
-    )
-    layers = []
-    names = {f.name for f in dataclasses.fields(FixedLayer)}
-    for record in document["layers"]:
-        kwargs: dict[str, Any] = {}
-        for key, value in record.items():
-            if key not in names:
-                continue
-            if isinstance(value, dict) and "tensor" in value:
-                value = tensors[value["tensor"]]
-            elif isinstance(value, list) and key in ("in_shape", "shape", "pool", "stride", "padding", "dilation"):
-                value = tuple(value)
-            kwargs[key] = value
-        layers.append(FixedLayer(**kwargs))
-    return FixedGraph(
-        input_name=document["input_name"],
-        input_shape=tuple(document["input_shape"]),
-        input_bits=document["input_bits"],
-        input_offset=tensors["input_offset"],
-        input_step=tensors["input_step"],
-        layers=layers,
-        output=document["output"],
-        v_bits=document.get("v_bits", V_BITS),
-        meta=document.get("meta", {}),
-    )
-
-
-def as_fixed(graph: ir.Graph | FixedGraph, preset: FixedGraph | None, options: dict[str, Any]) -> FixedGraph:
-    """What a fixed-point target runs: the graph itself if already fixed point, else a
-    network quantised at build time (`preset`), else `graph` quantised now with `options`."""
-    if isinstance(graph, FixedGraph):
-        return graph
-    if preset is not None:
-        return preset
-    return quantize(graph, **options)

@@ -4,9 +4,9 @@ One time step at a time through the whole graph, every node computing its output
 that step from its inputs' outputs at that step, with its state (membrane potentials,
 spiking max-pool counts, the readout's sum) carried to the next step. No batching over
 time, no broadcasting of constant inputs, no in-place tricks, no chunking. It shares no
-code with `targets.torch.simulator`, so the tests and `bench/throughput.py` compare two
-independent implementations of the same semantics (see `toolchain.ir` and
-docs/ARCHITECTURE.md):
+code with the one interpreter (`toolchain.core.interpreter`) on purpose: the tests and
+`bench/throughput.py` compare two independent implementations of the same semantics (see
+`toolchain.core.ir` and docs/ARCHITECTURE.md), so a bug in one cannot hide in both:
 
 - IF neuron: v += input; spike where v >= theta; v -= theta on a spike; output spike * theta.
 - Spiking max-pool: each input's (theta-weighted) count so far is pooled with a max; the
@@ -18,12 +18,14 @@ It is slow (T times the per-step Python overhead); use it on small batches.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from targets.base import SimOutput
-from toolchain import ir
+from toolchain.core import ir
+from toolchain.core.target import GraphKind, SimOutput
 
 
 def _per_channel(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,7 @@ class StepSimulator:
             return total
         if isinstance(node, ir.Concat):
             return torch.cat(args, dim=1)
-        if isinstance(node, ir.Affine):
+        if isinstance(node, ir.ScaleShift):
             return x * _per_channel(node.scale, x) + _per_channel(node.shift, x)
         if isinstance(node, ir.IFNeuron):
             theta = _per_channel(node.threshold, x.float())
@@ -128,12 +130,14 @@ def simulate(graph: ir.Graph, x: np.ndarray, steps: int, dtype: torch.dtype = to
     return SimOutput(readout=np.stack(readout), spikes={k: np.asarray(v, np.float64) for k, v in counts.items()})
 
 
-class ReferenceTarget:
-    """The step-by-step simulation behind the `Target` interface (for tests and benchmarks)."""
+class StepwiseTarget:
+    """The step-by-step simulation behind the `Target` interface (for tests and benchmarks; not in the
+    registry: it is a cross-check, not a deployment target)."""
 
-    name = "torch-reference"
+    name: ClassVar[str] = "torch-stepwise"
+    graph_kind: ClassVar[GraphKind] = "float"
 
-    def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32, **_: object):
+    def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.device = device
         self.dtype = dtype
         self.graph: ir.Graph | None = None
@@ -144,3 +148,6 @@ class ReferenceTarget:
     def run(self, x: np.ndarray, steps: int) -> SimOutput:
         assert self.graph is not None, "prepare() first"
         return simulate(self.graph, x, steps, self.dtype, self.device)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -18,7 +18,7 @@ identities (per channel, all scales > 0):
 (the last one because floor and positive affine maps are monotone). In canonical form
 `Div(c) Clip(0, 1) Mul(c)`, `Relu Min(c)`, `Max(0) Min(c)` and `Clip(0, c)` are all
 `Clamp(0, c)`, and both QCFS spellings are `Scale(a, beta) Floor Clamp(0, L) Scale(g, 0)`,
-which lowers to `Affine` (only if a*g != 1 or beta != 1/2) + `Relu(ceiling=g*L, levels=L)`.
+which lowers to `ScaleShift` (only if a*g != 1 or beta != 1/2) + `Relu(ceiling=g*L, levels=L)`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import ClassVar, NoReturn
 
 import numpy as np
 
-from toolchain import ir
+from toolchain.core import ir
 
 Source = tuple[str, str]  # (ONNX node name, op type), for names and error messages
 Fail = Callable[[Source, str], NoReturn]
@@ -142,7 +142,7 @@ def _show(values: np.ndarray) -> str:
 
 
 def lower(node: Elementwise, namer: Callable[[str], str], fail: Fail) -> list[ir.Node]:
-    """The IR nodes (Affine / Relu) equivalent to an element-wise chain, inputs chained from node.inputs."""
+    """The IR nodes (ScaleShift / Relu) equivalent to an element-wise chain, inputs chained from node.inputs."""
     tokens = canonical(node.tokens)
     out: list[ir.Node] = []
     i = 0
@@ -167,12 +167,14 @@ def lower(node: Elementwise, namer: Callable[[str], str], fail: Fail) -> list[ir
     return out
 
 
-def _affine(name: str, scale: np.ndarray, shift: np.ndarray) -> ir.Affine:
-    return ir.Affine(name, [], scale=np.asarray(scale, np.float32).reshape(-1), shift=np.asarray(shift, np.float32).reshape(-1))
+def _affine(name: str, scale: np.ndarray, shift: np.ndarray) -> ir.ScaleShift:
+    return ir.ScaleShift(
+        name, [], scale=np.asarray(scale, np.float32).reshape(-1), shift=np.asarray(shift, np.float32).reshape(-1)
+    )
 
 
 def _lower_qcfs(tokens: list[Token], i: int, namer: Callable[[str], str], fail: Fail) -> tuple[int, list[ir.Node]]:
-    """`[Scale(a, beta)] Floor Clamp(0, L) [Scale(g, b2)]` -> [Affine] Relu(g*L, levels=L) [Affine]."""
+    """`[Scale(a, beta)] Floor Clamp(0, L) [Scale(g, b2)]` -> [ScaleShift] Relu(g*L, levels=L) [ScaleShift]."""
     start = i
     pre = tokens[i] if isinstance(tokens[i], Scale) else None
     if pre is not None:

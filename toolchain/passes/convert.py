@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolchain import ir
-from toolchain.calibrate import Thresholds
+from toolchain.core import ir
 from toolchain.errors import ToolchainError
+from toolchain.passes.calibrate import Thresholds
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from toolchain.errors import ToolchainError
-from toolchain.frontend.layout import channels_last_input
+from toolchain.passes.frontend.layout import channels_last_input
 
 
 class OnnxReference:

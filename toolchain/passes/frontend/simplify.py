@@ -1,17 +1,17 @@
 """Graph passes after the op handlers: merge and lower element-wise chains, fold affines, prune.
 
-Folding an `Affine` (x * s + b per channel: a batch norm, a bias, an input normalisation)
+Folding an `ScaleShift` (x * s + b per channel: a batch norm, a bias, an input normalisation)
 into a neighbouring synapse is exact when:
 
-- backward: the producer is a Conv2d/Linear whose only consumer is the Affine
+- backward: the producer is a Conv2d/Linear whose only consumer is the ScaleShift
   (W *= s per output channel, bias = bias * s + b);
 - through a ReLU: s > 0, b = 0 and the ReLU's producer is such a synapse
   (s * relu_c(x) = relu_{s*c}(s * x), also for QCFS);
 - forward: every consumer is a Conv2d/Linear (W *= s per input channel,
   bias += W . b), and where b != 0 no consumer is a padded convolution (padding
-  zeros would not be shifted); an Affine before a Flatten moves after it first.
+  zeros would not be shifted); an ScaleShift before a Flatten moves after it first.
 
-What cannot be folded stays an `Affine` node.
+What cannot be folded stays an `ScaleShift` node.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from toolchain import ir
-from toolchain.frontend.patterns import Elementwise, Fail, lower
+from toolchain.core import ir
+from toolchain.passes.frontend.patterns import Elementwise, Fail, lower
 
 SYNAPSES = (ir.Conv2d, ir.Linear)
 
@@ -106,7 +106,7 @@ def _channels(node: ir.Node) -> int:
     return int(node.shape[0])
 
 
-def _fold_backward(net: Net, affine: ir.Affine) -> bool:
+def _fold_backward(net: Net, affine: ir.ScaleShift) -> bool:
     synapse = net.producer(affine.inputs[0])
     if not isinstance(synapse, SYNAPSES) or not net.sole_consumer(synapse, affine):
         return False
@@ -115,7 +115,7 @@ def _fold_backward(net: Net, affine: ir.Affine) -> bool:
     return True
 
 
-def _scale_synapse_outputs(synapse: ir.Conv2d | ir.Linear, affine: ir.Affine) -> None:
+def _scale_synapse_outputs(synapse: ir.Conv2d | ir.Linear, affine: ir.ScaleShift) -> None:
     count = _channels(synapse)
     scale, shift = _vector(affine.scale, count), _vector(affine.shift, count)
     weight = np.asarray(synapse.weight, np.float64)
@@ -124,7 +124,7 @@ def _scale_synapse_outputs(synapse: ir.Conv2d | ir.Linear, affine: ir.Affine) ->
     synapse.bias = (bias * scale + shift).astype(np.float32)
 
 
-def _fold_through_relu(net: Net, affine: ir.Affine) -> bool:
+def _fold_through_relu(net: Net, affine: ir.ScaleShift) -> bool:
     relu = net.producer(affine.inputs[0])
     if not isinstance(relu, ir.Relu) or not net.sole_consumer(relu, affine):
         return False
@@ -135,7 +135,7 @@ def _fold_through_relu(net: Net, affine: ir.Affine) -> bool:
     scale, shift = _vector(affine.scale, count), _vector(affine.shift, count)
     if np.any(shift != 0) or np.any(scale <= 0):
         return False
-    _scale_synapse_outputs(synapse, ir.Affine(affine.name, [], scale=scale, shift=np.zeros(count)))
+    _scale_synapse_outputs(synapse, ir.ScaleShift(affine.name, [], scale=scale, shift=np.zeros(count)))
     if relu.ceiling is not None:
         ceiling = _vector(relu.ceiling, count) * scale
         relu.ceiling = (ceiling[:1] if np.all(ceiling == ceiling[0]) else ceiling).astype(np.float32)
@@ -143,7 +143,7 @@ def _fold_through_relu(net: Net, affine: ir.Affine) -> bool:
     return True
 
 
-def _fold_forward(net: Net, affine: ir.Affine) -> bool:
+def _fold_forward(net: Net, affine: ir.ScaleShift) -> bool:
     consumers = net.consumers(affine.name)
     if affine.name == net.output or not consumers or not all(isinstance(c, SYNAPSES) for c in consumers):
         return False
@@ -167,8 +167,8 @@ def _fold_forward(net: Net, affine: ir.Affine) -> bool:
     return True
 
 
-def _past_flatten(net: Net, affine: ir.Affine, expected: dict[str, tuple[int, ...]]) -> bool:
-    """Affine -> Flatten -> Linear(s): move the Affine after the Flatten (per feature)."""
+def _past_flatten(net: Net, affine: ir.ScaleShift, expected: dict[str, tuple[int, ...]]) -> bool:
+    """ScaleShift -> Flatten -> Linear(s): move the ScaleShift after the Flatten (per feature)."""
     consumers = net.consumers(affine.name)
     if affine.name == net.output or len(consumers) != 1 or not isinstance(consumers[0], ir.Flatten):
         return False
@@ -190,7 +190,7 @@ def _past_flatten(net: Net, affine: ir.Affine, expected: dict[str, tuple[int, ..
     return True
 
 
-def _is_identity(affine: ir.Affine) -> bool:
+def _is_identity(affine: ir.ScaleShift) -> bool:
     return bool(np.all(np.asarray(affine.scale) == 1) and np.all(np.asarray(affine.shift) == 0))
 
 
@@ -199,7 +199,7 @@ def fold_affines(net: Net, expected: dict[str, tuple[int, ...]]) -> None:
     while changed:
         changed = False
         net.infer_shapes()
-        for affine in [n for n in net.nodes if isinstance(n, ir.Affine)]:
+        for affine in [n for n in net.nodes if isinstance(n, ir.ScaleShift)]:
             if _is_identity(affine):
                 net.remove(affine, affine.inputs[0])
             elif not (

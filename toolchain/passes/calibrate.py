@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from targets.torch.simulator import OPS, CompiledNode, TorchExecutor, channel_view
-from toolchain import ir
+from toolchain.core import ir
+from toolchain.core.interpreter import OPS, CompiledNode, TorchExecutor, channel_view
 from toolchain.errors import ToolchainError
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Steps: load the file (external data included) -> `onnx.checker` -> fix the batch
 dimension and run strict shape inference -> fold every node whose inputs are known
 constants -> re-infer static shapes on the folded model -> one handler per remaining
-node (`ops.HANDLERS`) -> merge and lower element-wise chains (`patterns`) -> fold
+node (`registry.handler_for`, the handlers in `handlers/`) -> merge and lower element-wise chains (`patterns`) -> fold
 affines into synapses and prune (`passes`) -> `Graph.infer_shapes()` and compare with
 ONNX's shapes. Every problem with the input is a one-line `ToolchainError`.
 """
@@ -17,12 +17,14 @@ from typing import NoReturn
 import numpy as np
 import onnx
 
-from toolchain import ir
-from toolchain.errors import ToolchainError
-from toolchain.frontend.folding import fold_constants, initializer_arrays
-from toolchain.frontend.layout import channels_last_input
-from toolchain.frontend.ops import HANDLERS, PSEUDO, SUPPORTED_OPS, Builder
-from toolchain.frontend.passes import Net, fold_affines, lower_elementwise, merge_elementwise, prune
+import toolchain.passes.frontend.handlers  # noqa: F401  (importing the package registers every handler)
+from toolchain.core import ir
+from toolchain.errors import InternalError, ToolchainError
+from toolchain.passes.frontend.builder import PSEUDO, Builder
+from toolchain.passes.frontend.folding import fold_constants, initializer_arrays
+from toolchain.passes.frontend.layout import channels_last_input
+from toolchain.passes.frontend.registry import handler_for, supported_ops
+from toolchain.passes.frontend.simplify import Net, fold_affines, lower_elementwise, merge_elementwise, prune
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 BOUND_OPS = ("Clip", "Max", "Min")  # +-inf is a meaningful constant operand for these
@@ -54,6 +56,7 @@ class _Loader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.where = str(path)
+        self.opset = 0  # the model's default-domain opset, once read
 
     def fail(self, message: str) -> NoReturn:
         raise ToolchainError(f"{self.where}: {message}")
@@ -92,6 +95,7 @@ class _Loader:
             onnx.checker.check_model(model)
         except Exception as exc:  # noqa: BLE001
             self.fail(f"invalid ONNX model: {_one_line(exc)}")
+        self.opset = default_opset(model)
         self.check_ops_on_activations(model.graph, nodes, names)
         return model
 
@@ -114,7 +118,7 @@ class _Loader:
         for node in nodes:
             if not any(name in dynamic for name in node.input) or node.op_type in ("Shape", "Size"):
                 continue
-            if node.op_type not in HANDLERS:
+            if handler_for(node.op_type, self.opset) is None:
                 self.fail_node(node, names[id(node)], _unsupported(node))
             dynamic.update(name for name in node.output if name)
 
@@ -205,7 +209,7 @@ class _Loader:
         if output.name in known:
             self.fail(f"output {output.name!r} does not depend on the input {value.name!r}")
         for node in remaining:
-            if node.op_type not in HANDLERS:
+            if handler_for(node.op_type, self.opset) is None:
                 self.fail_node(node, names[id(node)], _unsupported(node))
         used = {name for node in remaining for name in node.input if name in known}
         for node in remaining:
@@ -280,11 +284,16 @@ class _Loader:
         for node in nodes:
             builder.node, builder.node_name = node, names[id(node)]
             try:
-                HANDLERS[node.op_type](builder, node)
+                handler = handler_for(node.op_type, self.opset)
+                assert handler is not None  # unsupported ops were refused before
+                handler(builder, node)
             except ToolchainError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bug or an odd model; still one line, naming the node
-                self.fail_node(node, names[id(node)], f"cannot convert ({type(exc).__name__}: {_one_line(exc)})")
+            except Exception as exc:  # noqa: BLE001 - a handler that does not refuse cleanly is a bug of ours
+                raise InternalError(
+                    f"{self.where}: node {names[id(node)]!r} ({node.op_type}): the handler failed "
+                    f"({type(exc).__name__}: {_one_line(exc)})"
+                ) from exc
         if output.name in builder.pads:
             self.fail(f"output {output.name!r} is produced by a Pad node; Pad is supported only before Conv or pooling")
         if output.name not in builder.values:
@@ -302,7 +311,7 @@ class _Loader:
         except ToolchainError:
             raise
         except Exception as exc:  # noqa: BLE001
-            self.fail(f"internal error while simplifying the graph ({type(exc).__name__}: {_one_line(exc)})")
+            raise InternalError(f"{self.where}: simplifying the graph failed ({type(exc).__name__}: {_one_line(exc)})") from exc
         if net.output == value.name:
             self.fail(f"output {output.name!r} is the input up to element-wise identities; the model has no layers")
         meta = self.meta(model) | ({"input_layout": layout} if layout else {})
@@ -314,18 +323,20 @@ class _Loader:
         try:
             graph.infer_shapes()
         except Exception as exc:  # noqa: BLE001
-            self.fail(f"internal error: the IR's shapes cannot be inferred ({type(exc).__name__}: {_one_line(exc)})")
+            raise InternalError(
+                f"{self.where}: the IR's shapes cannot be inferred ({type(exc).__name__}: {_one_line(exc)})"
+            ) from exc
         for node in graph.nodes:
             if PSEUDO in node.name:
-                self.fail(f"internal error: pseudo-node {node.name!r} left in the graph")
+                raise InternalError(f"{self.where}: pseudo-node {node.name!r} left in the graph")
             want = expected.get(node.name)
             if want is not None and tuple(want) != tuple(node.shape):
-                self.fail(
-                    f"internal error: node {node.name!r} ({node.op}) has IR shape {list(node.shape)}, ONNX infers {list(want)}"
+                raise InternalError(
+                    f"{self.where}: node {node.name!r} ({node.op}) has IR shape {list(node.shape)}, ONNX infers {list(want)}"
                 )
         if output_shape is not None and tuple(output_shape[1:]) != tuple(graph.shape_of(graph.output)):
-            self.fail(
-                f"internal error: the IR output shape {list(graph.shape_of(graph.output))} "
+            raise InternalError(
+                f"{self.where}: the IR output shape {list(graph.shape_of(graph.output))} "
                 f"differs from ONNX's {list(output_shape[1:])}"
             )
 
@@ -357,7 +368,7 @@ class _Loader:
         return ir.Preprocess(scale=scale, mean=mean, std=std, layout=layout)
 
     def meta(self, model: onnx.ModelProto) -> dict:
-        opset = next((int(o.version) for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+        opset = default_opset(model)
         producer = f"{model.producer_name} {model.producer_version}".strip()
         extra = {p.key: p.value for p in model.metadata_props if p.key.startswith("toolchain.") and p.key != PREPROCESS_KEY}
         return {"source": str(self.path), "opset": opset, "producer": producer, "onnx_metadata": extra}
@@ -381,18 +392,24 @@ def _unsupported(node: onnx.NodeProto) -> str:
 
 
 def _supported() -> str:
-    return f"supported ops: {', '.join(SUPPORTED_OPS)} (any op on constants only is folded)"
+    return f"supported ops: {', '.join(supported_ops())} (any op on constants only is folded)"
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The opset of the default (ai.onnx) domain, which picks the handler version of each op."""
+    return next((int(o.version) for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
 
 
 def load_onnx(path: str | Path) -> ir.Graph:
     """Load an ONNX ANN as a toolchain IR graph (batch-free shapes, BN folded, activations recognised).
 
-    Raises `ToolchainError` with a one-line message naming the file (and node) on bad input.
+    Raises `ToolchainError` with a one-line message naming the file (and node) on bad input, and
+    `InternalError` (naming the file) where our own code fails: that is a bug, not a bad model.
     """
     loader = _Loader(path)
     try:
         return loader.load()
-    except ToolchainError:
+    except (ToolchainError, InternalError):
         raise
-    except Exception as exc:  # noqa: BLE001 - the last safety net: bad input never ends in a traceback
-        loader.fail(f"cannot load the model ({type(exc).__name__}: {_one_line(exc)})")
+    except Exception as exc:  # noqa: BLE001 - the original traceback stays chained for the report
+        raise InternalError(f"{loader.where}: loading failed ({type(exc).__name__}: {_one_line(exc)})") from exc

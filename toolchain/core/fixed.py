@@ -1,0 +1,302 @@
+"""The fixed-point IR: what a Loihi-style chip runs, and its files.
+
+The fixed-point network is a chain (or tree) of *layers*. A layer is one neuron
+population (an `IFNeuron` of the SNN graph, or the final `Readout`) together with
+the one synapse that feeds it from its *source* (another population, or the
+network input). `toolchain.passes.quantize` builds it from the float SNN; the
+fixed-point backends (`targets/loihi`, `targets/lava`) run it and import only this
+module for its types, so the IR lives here and not in the pass that makes it.
+
+Arithmetic (every fixed-point backend implements exactly this)
+----------------------------------------------------------------
+* **Synapse** (per step, integers): `a = sum(q * s)`, then
+  `a << weight_exp` (or an arithmetic right shift, i.e. floor, when the exponent
+  is negative). An optional non-overlapping *sum*-pooling (`pool`, kernel ==
+  stride) is applied to the source first. Convolutions use PyTorch's layout and
+  correlation; `padding` is (top, left, bottom, right).
+* **Neurons** (24-bit membrane, one threshold per population):
+  `v += a + (bias_mant << bias_exp)`; saturate v to +-(2**23 - 1), counting every
+  saturation as an overflow; `s = v >= threshold`; `v -= s * threshold`.
+  `bias_mant` is 13-bit signed per neuron, `bias_exp` in [0, 7] per population,
+  `v0` an integer per neuron.
+* **Readout**: the same with no threshold: `acc += a + bias`, saturated at 24
+  bits; its float value is `acc * scale`.
+* **Input: graded spikes.** The analog, preprocessed input x enters as an
+  unsigned `input_bits`-bit graded spike per pixel at every step:
+  `x_u = clip(round((x - input_offset_c) / input_step_c), 0, 2**input_bits - 1)`
+  per channel (see `encode_input`).
+* **Delays.** Every connection adds one time step (Lava semantics), so layer l
+  at depth d_l (its number of connections from the input) sees at step t the
+  input of step t - d_l; `FixedGraph.depth` gives d_l. The emulator works in
+  *logical* time (step k of every layer belongs to input step k); the Lava runner
+  reads layer l at its steps d_l .. d_l + T - 1.
+
+Overflow of the 24-bit membrane is never silent: backends count saturations and,
+under the `raise` policy (`OVERFLOW_POLICIES`), refuse to go on.
+
+Saved next to the float artifact as `fixed_graph.json` + `fixed_tensors.npz`
+(numpy only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+from toolchain.fileio import atomic_directory, pack_document, read_document
+
+FIXED_SCHEMA_VERSION = 1
+FIXED_GRAPH_FILE = "fixed_graph.json"
+FIXED_TENSORS_FILE = "fixed_tensors.npz"
+
+V_BITS = 24
+V_MAX = 2 ** (V_BITS - 1) - 1  # membrane saturates at +-V_MAX (as Lava's LIF clips v)
+BIAS_MANT_MAX = 2**12 - 1  # 13-bit signed mantissa
+BIAS_EXP_MAX = 7  # 3-bit exponent
+WEIGHT_EXP_RANGE = (-8, 7)
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class FixedLayer:
+    """One population and the synapse that feeds it."""
+
+    name: str  # the IF (or Readout) node of the SNN graph
+    kind: str  # "if" | "readout"
+    source: str | None  # the source layer's name; None for the network input
+    synapse: str  # "conv" | "dense"
+    in_shape: Shape  # shape of the source population (before `pool`)
+    shape: Shape  # shape of this population
+    weight: np.ndarray  # int8 mantissas: conv (C_out, C_in/groups, kh, kw), dense (out, in after pool+flatten)
+    weight_exp: int
+    bias_mant: np.ndarray  # int16, per neuron (shape)
+    bias_exp: int
+    threshold: int  # IF: the integer threshold; readout: 0
+    v0: np.ndarray  # int32, per neuron (shape)
+    scale: np.ndarray  # float64 value of one membrane unit (per channel or scalar): theta_c / threshold
+    pool: tuple[int, int] = (1, 1)  # non-overlapping sum-pool applied to the source first
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    nodes: list[str] = field(default_factory=list)  # float IR nodes folded into this layer
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pooled_shape(self) -> Shape:
+        if self.pool == (1, 1):
+            return tuple(self.in_shape)
+        c, h, w = self.in_shape
+        return (c, h // self.pool[0], w // self.pool[1])
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    def bias(self) -> np.ndarray:
+        """The per-neuron bias as one int64 array: bias_mant << bias_exp."""
+        return self.bias_mant.astype(np.int64) << self.bias_exp
+
+
+@dataclass
+class FixedGraph:
+    input_name: str
+    input_shape: Shape
+    input_bits: int
+    input_offset: np.ndarray  # float64, per channel (or scalar)
+    input_step: np.ndarray  # float64, per channel (or scalar)
+    layers: list[FixedLayer]
+    output: str  # the readout layer's name
+    v_bits: int = V_BITS
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self, name: str) -> FixedLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def depth(self) -> dict[str, int]:
+        """Number of connections (each one step of delay in Lava) from the input to each layer."""
+        depth: dict[str, int] = {}
+        for layer in self.layers:
+            depth[layer.name] = 1 + (0 if layer.source is None else depth[layer.source])
+        return depth
+
+    @property
+    def if_layers(self) -> list[FixedLayer]:
+        return [layer for layer in self.layers if layer.kind == "if"]
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per-layer summary for the build log."""
+        return [
+            {
+                "layer": layer.name,
+                "kind": layer.kind,
+                "synapse": layer.synapse + ("+sumpool" if layer.pool != (1, 1) else ""),
+                "nodes": list(layer.nodes),
+                "threshold": layer.threshold,
+                "weight_exp": layer.weight_exp,
+                "bias_exp": layer.bias_exp,
+                **layer.stats,
+            }
+            for layer in self.layers
+        ]
+
+
+
+# What a fixed-point backend does when a membrane leaves the 24 bits: refuse ("raise", naming the
+# layer) or saturate and count, as the hardware does. One list for every backend.
+OVERFLOW_POLICIES = ("raise", "saturate")
+
+
+def check_overflow_policy(on_overflow: str) -> None:
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise ToolchainError(f"on_overflow={on_overflow!r}: choose {' or '.join(OVERFLOW_POLICIES)}")
+
+
+def overflow_error(layer: str, count: int, where: str) -> ToolchainError:
+    """The error a backend raises under the "raise" policy (the advice names options of `quantize` and the targets)."""
+    return ToolchainError(
+        f"layer {layer!r}: the 24-bit membrane overflowed {count} times{where}; quantise with a smaller "
+        "threshold_bits, run fewer steps, or run with on_overflow='saturate'"
+    )
+
+# ----------------------------------------------------------------- helpers
+
+
+def per_channel(values: np.ndarray | float, shape: Shape) -> np.ndarray:
+    """A scalar or per-channel vector broadcast to a population shape (channels first)."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    if values.size == 1:
+        return np.full(shape, values[0])
+    if values.size != shape[0]:
+        raise ToolchainError(f"{values.size} per-channel values for a population of shape {shape}")
+    return np.broadcast_to(values.reshape((-1,) + (1,) * (len(shape) - 1)), shape).astype(np.float64)
+
+
+def channel_scalar_or_vector(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, np.float64).reshape(-1)
+    return values[:1] if np.all(values == values[0]) else values
+
+
+# ------------------------------------------------------------ input encoding
+
+
+def encode_input(fixed: FixedGraph, x: np.ndarray) -> np.ndarray:
+    """Preprocessed float input (B, *input_shape) -> unsigned graded spikes, int32."""
+    x = np.asarray(x, np.float64)
+    if tuple(x.shape[1:]) != tuple(fixed.input_shape):
+        raise ToolchainError(f"input of shape {x.shape[1:]}, the network expects {fixed.input_shape}")
+    offset = per_channel(fixed.input_offset, fixed.input_shape)
+    step = per_channel(fixed.input_step, fixed.input_shape)
+    top = 2**fixed.input_bits - 1
+    return np.clip(np.round((x - offset) / step), 0, top).astype(np.int32)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def _layer_to_json(index: int, layer: FixedLayer) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name)
+        if isinstance(value, np.ndarray):
+            record[f.name] = {"tensor": f"{index}/{f.name}"}
+        elif isinstance(value, tuple):
+            record[f.name] = list(value)
+        else:
+            record[f.name] = value
+    return record
+
+
+def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
+    """The two files that store a FixedGraph (for `ir.save_graph(..., extra_files=...)`)."""
+    tensors: dict[str, np.ndarray] = {"input_offset": fixed.input_offset, "input_step": fixed.input_step}
+    for index, layer in enumerate(fixed.layers):
+        for f in dataclasses.fields(layer):
+            value = getattr(layer, f.name)
+            if isinstance(value, np.ndarray):
+                tensors[f"{index}/{f.name}"] = value
+    document = {
+        "schema_version": FIXED_SCHEMA_VERSION,
+        "input_name": fixed.input_name,
+        "input_shape": list(fixed.input_shape),
+        "input_bits": fixed.input_bits,
+        "output": fixed.output,
+        "v_bits": fixed.v_bits,
+        "meta": fixed.meta,
+        "layers": [_layer_to_json(i, layer) for i, layer in enumerate(fixed.layers)],
+    }
+    return pack_document(document, tensors, FIXED_GRAPH_FILE, FIXED_TENSORS_FILE)
+
+
+def save_fixed(fixed: FixedGraph, directory: str | Path) -> Path:
+    """Write a FixedGraph into its own directory (atomically)."""
+
+    return atomic_directory(Path(directory), fixed_files(fixed), FIXED_GRAPH_FILE)
+
+
+def has_fixed(directory: str | Path) -> bool:
+    return (Path(directory) / FIXED_GRAPH_FILE).is_file()
+
+
+def load_fixed(directory: str | Path) -> FixedGraph:
+    """Read a FixedGraph from a directory holding `fixed_graph.json` (a build artifact or `save_fixed`)."""
+    document, tensors = read_document(
+        Path(directory), FIXED_GRAPH_FILE, FIXED_TENSORS_FILE, FIXED_SCHEMA_VERSION,
+        "no fixed-point network; build with --target loihi or lava",
+    )
+    layers = []
+    names = {f.name for f in dataclasses.fields(FixedLayer)}
+    for record in document["layers"]:
+        kwargs: dict[str, Any] = {}
+        for key, value in record.items():
+            if key not in names:
+                continue
+            if isinstance(value, dict) and "tensor" in value:
+                value = tensors[value["tensor"]]
+            elif isinstance(value, list) and key in ("in_shape", "shape", "pool", "stride", "padding", "dilation"):
+                value = tuple(value)
+            kwargs[key] = value
+        layers.append(FixedLayer(**kwargs))
+    return FixedGraph(
+        input_name=document["input_name"],
+        input_shape=tuple(document["input_shape"]),
+        input_bits=document["input_bits"],
+        input_offset=tensors["input_offset"],
+        input_step=tensors["input_step"],
+        layers=layers,
+        output=document["output"],
+        v_bits=document.get("v_bits", V_BITS),
+        meta=document.get("meta", {}),
+    )
+
+
+# How a driver turns a float SNN into a FixedGraph for a backend (the quantise pass, with its options):
+# handed to the fixed-point backends so that they run the pass without importing it.
+Lowering = Callable[[Any], "FixedGraph"]
+
+
+def as_fixed(graph: Any, preset: FixedGraph | None, lower: Lowering | None, target: str) -> FixedGraph:
+    """What a fixed-point target runs: the graph itself if already fixed point, else a
+    network quantised at build time (`preset`), else `graph` lowered now by `lower`."""
+    if isinstance(graph, FixedGraph):
+        return graph
+    if preset is not None:
+        return preset
+    if lower is None:
+        raise ToolchainError(
+            f"the {target} target runs a fixed-point graph (FixedGraph), not a {type(graph).__name__}; "
+            "quantise the SNN first (toolchain.passes.quantize.quantize)"
+        )
+    return lower(graph)
