@@ -24,6 +24,7 @@ from toolchain.data import Dataset, load_dataset
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import check_input_shape
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
+from toolchain.passes.calibrate_latency import calibrate_for_latency, parse_methods
 from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
 from toolchain.passes.quantize import quantize
 
@@ -48,7 +49,8 @@ class BuildOptions:
     v0: str = "half"
     v0_steps: int = 16
     maxpool: str = "spiking"
-    steps: int = 32  # T of the checks that follow a build (accuracy, Lava validation); kept in build.json
+    steps: int = 32  # the latency budget: T that --calibrate fits for and the checks after a build run at
+    calibrate: str = "auto"  # auto | none | comma list of calibrate_latency.METHODS
     scale: float | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -109,14 +111,26 @@ def build_snn(options: BuildOptions) -> BuildResult:
     started = time.perf_counter()
     ann = load_ann(options)
     spec = ThresholdSpec.parse(options.threshold, options.per_channel)
+    methods = parse_methods(options.calibrate)
     data: Dataset | None = None
-    if options.calib is not None and (uses_data(ann, spec) or options.v0 == "optimal"):
+    explicit = options.calibrate not in ("auto", "none")
+    if explicit and options.calib is None:
+        raise ToolchainError(f"--calibrate {options.calibrate} fits the SNN to the ANN on data: pass --calib DATA")
+    if options.calib is not None and (uses_data(ann, spec) or options.v0 == "optimal" or explicit):
         data = _calibration_subset(load_dataset(options.calib, options.calib_split), options.calib_size)
     elif options.v0 == "optimal":
         raise ToolchainError("--v0 optimal searches initial potentials on data: pass --calib DATA")
     batches = calibration_batches(ann, data, options.batch_size) if data is not None else None
     thresholds = compute_thresholds(ann, spec, batches, len(data) if data is not None else 0, options.device)
     snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=options.maxpool))
+    calibration = None
+    # `auto` calibrates the layers whose thresholds came from data; named methods, every layer.
+    layers = {name for name, source in thresholds.source.items() if explicit or source != "ceiling"}
+    if methods and layers and batches is not None:
+        calibration = calibrate_for_latency(
+            snn, ann, np.concatenate(batches), options.steps, layers, methods, options.device
+        )
+        snn.meta["conversion"]["calibration"] = calibration.summary()
     chosen: dict[str, float] = {}
     if options.v0 == "optimal":
         assert batches is not None
@@ -129,6 +143,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
         "model": str(options.model),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "calibration_samples": len(data) if data is not None else 0,
+        "latency_calibration": calibration.summary() if calibration is not None else None,
         "layers": [
             {
                 "name": n.name,

@@ -78,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--v0-T", dest="v0_steps", type=_count(1), default=16, help="time steps the optimal v0 search aims at")
     build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
-    build.add_argument("-T", "--steps", type=_count(1), default=32, help="time steps for fixed-point checks (lava target)")
+    build.add_argument(
+        "-T", "--steps", type=_count(1), default=32,
+        help="the latency budget: time steps --calibrate fits the SNN for, and the checks after the build run",
+    )  # fmt: skip
+    build.add_argument(
+        "--calibrate",
+        default="auto",
+        help="fit the SNN to the ANN at -T on --calib data, layer by layer: auto (threshold,bias on layers "
+        "without trained ceilings), none, or a list of threshold,bias,v0 (every layer)",
+    )
     build.add_argument("--data", type=Path, help="test data for --validate and the accuracy summary")
     build.add_argument("--validate", type=_count(0), default=0, metavar="N", help="lava: compare N samples spike for spike")
     build.add_argument("--report", action="store_true", help="also write a report (needs --data)")
@@ -145,6 +154,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         v0_steps=args.v0_steps,
         maxpool=args.maxpool,
         steps=args.steps,
+        calibrate=args.calibrate,
         scale=args.scale,
         mean=args.mean,
         std=args.std,

@@ -1,0 +1,188 @@
+"""Stock ReLU + batch-norm networks trained the way other people train them, for bench/stock_models.py.
+
+Deliberately independent of this project (no `models`, `exporters` or `toolchain`
+imports): its own IDX reader, plain torch modules written as one usually writes them
+(functional `F.relu`, `torch.cat`, ReLU6, identity and 1x1-conv shortcuts, max pooling),
+Adam with cosine decay, and the default `torch.onnx.export` (no metadata, no names beyond
+the defaults). Input: pixels / 255. A JSON beside each ONNX records the test accuracy.
+
+    OMP_NUM_THREADS=1 python bench/stock/train_stock.py --data ../shared/data/fashion-mnist \\
+        --out /tmp/stock --models resnet vgg mobilenet densenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+
+
+def load(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.tensor(read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"), dtype=torch.float32).unsqueeze(1) / 255.0
+    return x, torch.tensor(read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz"), dtype=torch.long)
+
+
+class Block(nn.Module):
+    """torchvision-style BasicBlock: functional ReLU, identity or 1x1 conv + BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, 2, 1, bias=False)  # 14x14
+        self.bn = nn.BatchNorm2d(width)
+        self.layers = nn.Sequential(Block(width, width, 1), Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1))
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class VGG(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = [16, "M", 32, 32, "M", 64, "M"]
+        layers: list[nn.Module] = []
+        cin = 1
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                cin = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(64 * 3 * 3, 64), nn.ReLU(inplace=True), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class MobileNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+
+        def dw(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
+                nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True),
+            ]  # fmt: skip
+
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True),
+            *dw(16, 32, 1), *dw(32, 64, 2), *dw(64, 64, 1),
+        )  # fmt: skip
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv with its output concatenated to its input (DenseNet's pre-activation order)."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.conv(F.relu(self.bn(x)))], 1)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, growth: int = 12) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        c = 16
+        blocks: list[nn.Module] = []
+        for stage in range(2):
+            for _ in range(3):
+                blocks.append(DenseLayer(c, growth))
+                c += growth
+            if stage == 0:  # transition: BN-ReLU-1x1 conv-avgpool
+                blocks += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)]
+                c //= 2
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.blocks(F.max_pool2d(self.stem(x), 2))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobilenet": MobileNet, "densenet": DenseNet}
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000)) / len(y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/fashion-mnist"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    x, y = load(args.data, "train")
+    xt, yt = load(args.data, "t10k")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        model = MODELS[name]()
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+        started = time.time()
+        model.train()
+        for _ in range(args.steps):
+            batch = torch.randint(len(y), (128,))
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        test = accuracy(model, xt, yt)
+        torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(args.out / f"fmnist_{name}.onnx"), dynamo=False)
+        info = {"model": name, "dataset": "fashion-mnist", "preprocess": "x / 255", "test_accuracy": test,
+                "steps": args.steps, "seconds": round(time.time() - started, 1),
+                "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+        (args.out / f"fmnist_{name}.json").write_text(json.dumps(info, indent=1))
+        print(json.dumps(info), flush=True)
+
+
+if __name__ == "__main__":
+    main()

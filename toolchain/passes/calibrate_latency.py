@@ -1,0 +1,262 @@
+"""Post-training calibration of an SNN for the latency it will run at (`--calibrate`, `-T`).
+
+Networks trained with plain ReLU and batch norm have no activation ceilings, so their
+thresholds come from data (a high percentile per channel) and v0 = theta/2. At low T the
+SNN then lags the ANN: a percentile threshold is far too coarse a quantisation step
+(theta/T) for most activations, and the rate's errors shift every layer's mean, which the
+next layers amplify. This pass fits the SNN to its ANN at the build's T, layer by layer
+in topological order, each layer on the SNN's own inputs (the spikes of the layers before
+it as already calibrated), so that errors of earlier layers are corrected, not compounded:
+
+  threshold  per channel, the theta among `THRESHOLD_SCALES` x the data threshold that
+             minimises the mean squared error of the T-step output (rate x theta, v0 =
+             theta/2) against the ANN's activation. Channels are independent neurons, so
+             one scan per candidate scale evaluates every channel at once.
+  bias       per channel, the mean gap between the ANN's activation and the SNN's T-step
+             output is added to the layer's input current, `BIAS_ROUNDS` times (Li et al.,
+             ICML 2021, "light" calibration). It is folded into the bias of the synapse that
+             feeds the layer (conv, linear, batch-norm shift; through a residual Add into a
+             branch's synapse), so the IR, the fixed-point mapping and Lava are unchanged;
+             also applied to the readout's synapse (the logits' mean per class).
+  v0         the per-layer fraction of theta and its per-channel mean correction of
+             `calibrate.optimise_v0`, on the same layer-by-layer inputs.
+
+Per-step corrections (FTBC, ECCV 2024) are not offered: a Loihi neuron has one constant
+bias, so a bias that changes with the step would need extra input neurons per layer.
+
+Everything fitted is an ordinary threshold, v0 or bias, so it lowers to fixed point like
+any other model. Layers whose thresholds are trained ceilings (clipped ReLU, QCFS) are
+left as they are by `auto`: their ceilings already are the quantisation the ANN learnt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolchain.core import ir
+from toolchain.core.interpreter import OPS, CompiledNode, TorchExecutor, channel_view, if_scan
+from toolchain.errors import ToolchainError
+from toolchain.passes.calibrate import V0_MEMORY_BUDGET, _correct_channel_means, _search_fraction, v0_samples
+
+log = logging.getLogger(__name__)
+
+METHODS = ("threshold", "bias", "v0")
+AUTO_METHODS = ("threshold", "bias")
+# Candidate thresholds as fractions of the data threshold (p99.99 per channel): low T wants a
+# finer step theta/T than the rare largest activations allow, at the price of clipping them.
+# A coarse geometric grid for all channels at once, then a finer one around each channel's best.
+THRESHOLD_SCALES = np.round(np.geomspace(0.1, 1.0, 11), 4).tolist() + [1.25]
+THRESHOLD_REFINE = [10 ** (k / 30) for k in (-2, -1, 1, 2)]  # thirds of the coarse grid's ratio 10^0.1
+# The fit holds every sample's T-step stacks of one layer: it takes at most this many
+# sample-steps (512 samples at T=16, 128 at T=64), and at most what the memory budget allows.
+SAMPLE_STEPS = 512 * 16
+BIAS_ROUNDS = 3
+BIASED = (ir.Conv2d, ir.Linear, ir.ScaleShift)  # synapses whose bias can take a correction
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`auto`, `none`, or a comma-separated subset of METHODS (applied in METHODS order)."""
+    if text == "auto":
+        return AUTO_METHODS
+    if text == "none":
+        return ()
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise ToolchainError(f"--calibrate {text!r}: use auto, none, or a comma-separated list of {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m in chosen)
+
+
+@dataclass
+class LatencyCalibration:
+    steps: int
+    methods: tuple[str, ...]
+    samples: int
+    seconds: float = 0.0
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "methods": list(self.methods),
+            "samples": self.samples,
+            "seconds": round(self.seconds, 2),
+            "layers": self.layers,
+        }
+
+
+def calibrate_for_latency(
+    snn: ir.Graph,
+    ann: ir.Graph,
+    x: np.ndarray,
+    steps: int,
+    layers: set[str],
+    methods: tuple[str, ...],
+    device: str = "auto",
+    memory_budget: int = V0_MEMORY_BUDGET,
+) -> LatencyCalibration:
+    """Fits thresholds, input biases and/or v0 of the IF layers named in `layers` to the ANN at `steps`.
+
+    `snn` is `convert(ann, ...)`: the same nodes in the same order plus the readout. Its
+    nodes are updated in place (IFNeuron threshold / v0; the bias of the synapse feeding a
+    calibrated layer). `x`: preprocessed calibration inputs, cut to what fits `memory_budget`.
+    """
+    started = time.perf_counter()
+    snn_exec = TorchExecutor(snn, device)
+    ann_exec = TorchExecutor(ann, snn_exec.device)
+    x = x[: max(16, min(v0_samples(snn_exec, steps, len(x), memory_budget), SAMPLE_STEPS // steps))]
+    report = LatencyCalibration(steps, methods, len(x))
+    ann_by_name = {c.node.name: c for c in ann_exec.compiled}
+    xt = torch.as_tensor(x).to(snn_exec.device)
+    snn_values: dict[str, torch.Tensor] = {snn.input_name: xt.unsqueeze(0)}
+    ann_values: dict[str, torch.Tensor] = {ann.input_name: xt.unsqueeze(0)}
+    ann_last_use = ann_exec.last_use
+    ann_index = {c.node.name: i for i, c in enumerate(ann_exec.compiled)}
+    with torch.inference_mode():
+        for index, compiled in enumerate(snn_exec.compiled):
+            node = compiled.node
+            args = [snn_values[name] for name in node.inputs]
+            target = None
+            if node.name in ann_by_name:
+                ann_compiled = ann_by_name[node.name]
+                ann_args = [ann_values[name] for name in ann_compiled.node.inputs]
+                ann_values[node.name] = OPS[ann_compiled.node.op](ann_compiled, ann_args, 1)
+                target = ann_values[node.name]
+                for name in ann_compiled.node.inputs:
+                    if ann_last_use.get(name) == ann_index[node.name]:
+                        ann_values.pop(name, None)
+            if isinstance(node, ir.IFNeuron) and node.name in layers and target is not None:
+                args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report)]
+            elif isinstance(node, ir.Readout) and "bias" in methods and layers:
+                ann_logits = ann_values[node.inputs[0]][0]
+                _correct_readout(snn, node, args[0], ann_logits, report)
+                args = [args[0] + channel_view(_readout_offsets(args[0], ann_logits), args[0].ndim - 1)]
+            snn_values[node.name] = OPS[node.op](compiled, args, steps)
+            for name in node.inputs:
+                if snn_exec.last_use.get(name) == index:
+                    snn_values.pop(name, None)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _other_dims(value: torch.Tensor) -> list[int]:
+    """All dims but the channel's, for a (B, C, ...) value."""
+    return [0] + list(range(2, value.ndim))
+
+
+def _output_mean(
+    current: torch.Tensor, theta: torch.Tensor, v0: torch.Tensor, offset: torch.Tensor | None, steps: int
+) -> torch.Tensor:
+    """The IF layer's output averaged over `steps` (B, C, ...), with `offset` (C,) added to its input current."""
+    if offset is not None:
+        current = current + channel_view(offset, current.ndim - 1)
+    return if_scan(current, theta, v0, steps).mean(dim=0)
+
+
+def _calibrate_layer(
+    snn: ir.Graph,
+    compiled: CompiledNode,
+    current: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    methods: tuple[str, ...],
+    report: LatencyCalibration,
+) -> torch.Tensor:
+    """Calibrates one IF layer; returns its (possibly offset) input current for the run to go on with."""
+    node: ir.IFNeuron = compiled.node  # type: ignore[assignment]
+    channels = target.shape[1]
+    dims = _other_dims(target)
+    base = compiled.tensors["threshold"].expand(channels).clone()
+    fraction = (compiled.tensors["v0"].expand(channels) / base).clone()
+    theta = base
+    row: dict[str, Any] = {}
+
+    def error(out: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean(dim=dims)
+
+    row["mse_before"] = float(error(_output_mean(current, theta, theta * fraction, None, steps)).mean())
+    if "threshold" in methods:
+        best_error = torch.full((channels,), math.inf, device=base.device)
+        best_scale = torch.ones(channels, device=base.device)
+        coarse = [torch.full_like(best_scale, scale) for scale in THRESHOLD_SCALES]
+        for trials in (coarse, None):
+            if trials is None:  # the finer grid around each channel's best coarse scale
+                trials = [best_scale * factor for factor in THRESHOLD_REFINE]
+            for scale in trials:
+                trial = base * scale
+                err = error(_output_mean(current, trial, trial * fraction, None, steps))
+                better = err < best_error - 1e-12
+                best_error = torch.where(better, err, best_error)
+                best_scale = torch.where(better, scale, best_scale)
+        theta = base * best_scale
+        row["threshold_scale_mean"] = round(float(best_scale.mean()), 4)
+    offset = None
+    if "bias" in methods:
+        offset = torch.zeros(channels, device=base.device)
+        for _ in range(BIAS_ROUNDS):
+            out = _output_mean(current, theta, theta * fraction, offset, steps)
+            offset = offset + (target - out).mean(dim=dims)
+        placed = _add_to_input_bias(snn, node, offset.cpu().numpy().astype(np.float32))
+        row["bias_placed"] = placed
+        if not placed:
+            offset = None
+        else:
+            row["bias_abs_mean"] = round(float(offset.abs().mean()), 6)
+    if offset is not None:
+        current = current + channel_view(offset, current.ndim - 1)
+    compiled.tensors["threshold"] = theta
+    compiled.tensors["v0"] = theta * fraction
+    if "v0" in methods:
+        clipped = torch.minimum(target, channel_view(theta, target.ndim))
+        chosen = _search_fraction(compiled, [current], steps, clipped)
+        _correct_channel_means(compiled, [current], steps, clipped, theta * chosen, rounds=2)
+        row["v0_fraction_mean"] = round(float((compiled.tensors["v0"] / theta).mean()), 4)
+    node.threshold = compiled.tensors["threshold"].cpu().numpy().astype(np.float32)
+    node.v0 = compiled.tensors["v0"].expand(channels).cpu().numpy().astype(np.float32)
+    row["mse_after"] = float(
+        error(_output_mean(current, compiled.tensors["threshold"], compiled.tensors["v0"], None, steps)).mean()
+    )
+    report.layers[node.name] = row
+    return current
+
+
+def _readout_offsets(spikes_in: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
+    return (ann_logits - spikes_in.mean(dim=0)).mean(dim=_other_dims(ann_logits))
+
+
+def _correct_readout(
+    snn: ir.Graph, readout: ir.Node, logits: torch.Tensor, ann_logits: torch.Tensor, report: LatencyCalibration
+) -> None:
+    offset = _readout_offsets(logits, ann_logits).cpu().numpy().astype(np.float32)
+    placed = _add_to_input_bias(snn, readout, offset)
+    report.layers[readout.name] = {"bias_placed": placed, "bias_abs_mean": round(float(np.abs(offset).mean()), 6)}
+
+
+def _add_to_input_bias(snn: ir.Graph, node: ir.Node, offset: np.ndarray) -> bool:
+    """Adds `offset` (C,) to the input of `node` through the bias of the synapse that produces it.
+
+    The producer must feed only `node` (else the others would see the shift too). Through a
+    residual Add, the first branch that is such a synapse takes it. Returns whether a place
+    was found (else the layer keeps its bias and the caller drops the correction).
+    """
+    producer: ir.Node | None = snn.node(node.inputs[0])
+    if len(snn.consumers(node.inputs[0])) != 1:
+        return False
+    if isinstance(producer, ir.Add):
+        branches = [snn.node(name) for name in producer.inputs]
+        producer = next((b for b in branches if isinstance(b, BIASED) and len(snn.consumers(b.name)) == 1), None)
+    if isinstance(producer, (ir.Conv2d, ir.Linear)):
+        bias = np.zeros(offset.shape, np.float32) if producer.bias is None else producer.bias
+        producer.bias = (bias + offset).astype(np.float32)
+        return True
+    if isinstance(producer, ir.ScaleShift):
+        producer.shift = (np.broadcast_to(producer.shift, offset.shape) + offset).astype(np.float32)
+        return True
+    return False
