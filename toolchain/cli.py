@@ -282,13 +282,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     graph, data = _load_artifact_and_data(args)
     with session(args.distributed or launched_by_torchrun(), args.device) as ranks:
         target = open_target(args.target, args.artifact, ranks.device)
-        target.prepare(graph)
-        ann_path = args.artifact / ANN_FILE
-        ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
-        result = ranks.combine(evaluate(
-            target, ranks.shard(data), graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
-            progress=False if args.json or not ranks.is_main else None, label=f"{args.target} T={max(steps)}",
-        ))  # fmt: skip
+        try:
+            target.prepare(graph)
+            ann_path = args.artifact / ANN_FILE
+            ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
+            result = ranks.combine(evaluate(
+                target, ranks.shard(data), graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+                progress=False if args.json or not ranks.is_main else None, label=f"{args.target} T={max(steps)}",
+            ))  # fmt: skip
+        finally:
+            target.close()  # the Lava runtime holds OS processes
     if not ranks.is_main:
         return 0
     if args.json:
