@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from targets import TARGETS
+from targets import TARGETS, target_class
 from toolchain.errors import InternalError, ToolchainError
 
 DEFAULT_STEPS = "1,2,4,8,16,32,64"
@@ -155,8 +155,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ToolchainError("--validate and --report run test samples: pass --data DATA")
     if args.validate and args.target != "lava":
         raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
-    if args.target == "lava":
-        import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
+    target_class(args.target)  # fails early, with what to install, where the target cannot run (Lava)
     check_replaceable(args.out, GRAPH_FILE)  # before any work: -o must not name the user's own files
     # Read the test data, and open the ANN in onnxruntime, before anything is written: a bad --data
     # path or a model onnxruntime cannot run (an opset newer than it knows) must leave no artifact.
