@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # The order the tables appear in; any other results file follows alphabetically.
 ORDER = [
-    "deploy", "accuracy_latency", "fmnist", "mnist", "cifar10", "thirdparty", "qcfs", "own_models", "lava_speed",
+    "deploy", "accuracy_latency", "fmnist", "mnist", "cifar10", "thirdparty", "qcfs", "own_models", "stock_models", "lava_speed",
     "throughput", "conv_algorithms",
 ]  # fmt: skip
 

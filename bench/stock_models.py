@@ -94,6 +94,7 @@ def snn_accuracy(model: Path, options: dict[str, Any], budget: int, test: Datase
     run = evaluate(target, test, result.snn.preprocess, result.snn.input_shape, steps, 250, reference, progress=False)
     calibration = result.log.get("latency_calibration") or {}
     info = {"build_seconds": round(seconds, 1), "calibration_seconds": calibration.get("seconds"),
+            "calibration_cpu_seconds": calibration.get("cpu_seconds"),
             "calibration_samples": calibration.get("samples"), "ann": run.ann_accuracy()}  # fmt: skip
     return run.snn_accuracy(), seconds, info
 
@@ -136,24 +137,26 @@ def spikingjelly_accuracy(model: Path, train: Dataset, test: Dataset, calib_size
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     header = " | ".join(f"T={t}" for t in STEPS)
+    trained = ", ".join(f"{name} {model.get('train_steps', result['train_steps'])}" for name, model in result["models"].items())
     lines = [
         "# Stock ReLU models at low latency: latency calibration (`--calib DATA -T T`) vs SpikingJelly",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores, shared), Python {m['python']}, torch {m['torch']}, {m['date']}. "
         f"Fashion-MNIST models in plain torch (batch norm, plain ReLU / ReLU6), trained by "
-        f"`bench/stock/train_stock.py` ({result['train_steps']} Adam steps), default `torch.onnx.export`, no metadata. "
+        f"`bench/stock/train_stock.py` (Adam steps: {trained}), default `torch.onnx.export`, no metadata. "
         f"Each cell: a network built for that T (`-T T`, {result['calib_size']} calibration images from the "
         f"training set) and run for T steps; float SNN (torch target) on the first {result['limit']} test images. "
         f"SpikingJelly: `ann2snn.Converter`, best of modes {', '.join(map(str, SJ_MODES))} at each T (picked on "
         f"these test images). Written by `bench/stock_models.py` ({result['seconds'] / 60:.1f} minutes).",
         "",
+        *(["**Partial run**: the rows finished so far.", ""] if result.get("partial") else []),
         f"| model | ANN | method | {header} |",
         "|---|---:|---|" + "---:|" * len(STEPS),
     ]
     for name, model in result["models"].items():
         for setting in result["settings"]:
             row = model["methods"].get(setting)
-            if row is None:
+            if row is None or "ann" not in model:
                 continue
             cells = " | ".join(f"{100 * row['at_budget'][str(t)]:.2f}" if str(t) in row["at_budget"] else "" for t in STEPS)
             lines.append(f"| {name} | {100 * model['ann']:.2f} | {setting} | {cells} |")
@@ -167,7 +170,7 @@ def markdown(result: dict[str, Any]) -> str:
               "| model | budget T | at T/2 | at T | at 2T | calibration seconds |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, model in result["models"].items():
         row = model["methods"].get("auto")
-        if row is None:
+        if row is None or "ann" not in model:
             continue
         for t in STEPS:
             near = row["neighbours"].get(str(t))
@@ -214,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         model = args.models_dir / f"fmnist_{name}.onnx"
         reference = OnnxReference(model)
         entry: dict[str, Any] = {"file": model.name, "methods": {}}
+        info_file = model.with_suffix(".json")
+        if info_file.exists():  # what train_stock.py recorded: its steps and the torch test accuracy
+            trained = json.loads(info_file.read_text())
+            entry["train_steps"], entry["torch_test_accuracy"] = trained.get("steps"), trained.get("test_accuracy")
         result["models"][name] = entry
         for setting in args.settings:
             row: dict[str, Any] = {"at_budget": {}, "neighbours": {}, "seconds": {}}
@@ -230,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                     row["neighbours"][str(t)] = {str(k): v for k, v in acc.items()}
                     row["seconds"][str(t)] = info["calibration_seconds"] or info["build_seconds"]
                     entry["ann"] = info["ann"]
+                    entry["methods"][setting] = row
+                    print(json.dumps({"model": name, "setting": setting, "budget": t, "accuracy": row["neighbours"][str(t)],
+                                      "seconds": row["seconds"][str(t)]}), flush=True)  # fmt: skip
+                    _write(args, result, started, partial=True)
             entry["methods"][setting] = row
             print(json.dumps({"model": name, "setting": setting, **row}), flush=True)
         if not args.no_spikingjelly:
@@ -237,9 +248,22 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps({"model": name, "spikingjelly": entry["spikingjelly"].get("best", entry["spikingjelly"])}), flush=True
             )
-    result["seconds"] = time.perf_counter() - started
-    write_results(args.out, result, markdown(result))
+        _write(args, result, started, partial=True)
+    _write(args, result, started, partial=False)
     return 0
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any], started: float, partial: bool) -> None:
+    """Results so far (a long run on a busy machine leaves its finished rows behind), or the final ones."""
+    result["seconds"] = time.perf_counter() - started
+    result["partial"] = partial
+    text = markdown(result)
+    if partial:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+    else:
+        write_results(args.out, result, text)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class LatencyCalibration:
     methods: tuple[str, ...]
     samples: int
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: on a busy machine the wall time mostly waits
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class LatencyCalibration:
             "methods": list(self.methods),
             "samples": self.samples,
             "seconds": round(self.seconds, 2),
+            "cpu_seconds": round(self.cpu_seconds, 2),
             "layers": self.layers,
         }
 
@@ -108,7 +110,7 @@ def calibrate_for_latency(
     nodes are updated in place (IFNeuron threshold / v0; the bias of the synapse feeding a
     calibrated layer). `x`: preprocessed calibration inputs, cut to what fits `memory_budget`.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     snn_exec = TorchExecutor(snn, device)
     ann_exec = TorchExecutor(ann, snn_exec.device)
     x = x[: max(16, min(v0_samples(snn_exec, steps, len(x), memory_budget), SAMPLE_STEPS // steps))]
@@ -136,13 +138,14 @@ def calibrate_for_latency(
                 args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report)]
             elif isinstance(node, ir.Readout) and "bias" in methods and layers:
                 ann_logits = ann_values[node.inputs[0]][0]
-                _correct_readout(snn, node, args[0], ann_logits, report)
-                args = [args[0] + channel_view(_readout_offsets(args[0], ann_logits), args[0].ndim - 1)]
+                if _correct_readout(snn, node, args[0], ann_logits, report):
+                    args = [args[0] + channel_view(_readout_offsets(args[0], ann_logits), args[0].ndim - 1)]
             snn_values[node.name] = OPS[node.op](compiled, args, steps)
             for name in node.inputs:
                 if snn_exec.last_use.get(name) == index:
                     snn_values.pop(name, None)
     report.seconds = time.perf_counter() - started
+    report.cpu_seconds = time.process_time() - cpu_started
     return report
 
 
@@ -182,7 +185,10 @@ def _calibrate_layer(
         return ((out - target) ** 2).mean(dim=dims)
 
     row["mse_before"] = float(error(_output_mean(current, theta, theta * fraction, None, steps)).mean())
+    synapse = _bias_synapse(snn, node) if "bias" in methods else None
     if "threshold" in methods:
+        # With a bias correction to follow, each candidate is judged after one round of it: a
+        # lower threshold's rate error is largely a mean shift that the bias then removes.
         best_error = torch.full((channels,), math.inf, device=base.device)
         best_scale = torch.ones(channels, device=base.device)
         coarse = [torch.full_like(best_scale, scale) for scale in THRESHOLD_SCALES]
@@ -191,7 +197,10 @@ def _calibrate_layer(
                 trials = [best_scale * factor for factor in THRESHOLD_REFINE]
             for scale in trials:
                 trial = base * scale
-                err = error(_output_mean(current, trial, trial * fraction, None, steps))
+                out = _output_mean(current, trial, trial * fraction, None, steps)
+                if synapse is not None:
+                    out = _output_mean(current, trial, trial * fraction, (target - out).mean(dim=dims), steps)
+                err = error(out)
                 better = err < best_error - 1e-12
                 best_error = torch.where(better, err, best_error)
                 best_scale = torch.where(better, scale, best_scale)
@@ -199,16 +208,14 @@ def _calibrate_layer(
         row["threshold_scale_mean"] = round(float(best_scale.mean()), 4)
     offset = None
     if "bias" in methods:
+        row["bias_placed"] = synapse is not None
+    if synapse is not None:
         offset = torch.zeros(channels, device=base.device)
         for _ in range(BIAS_ROUNDS):
             out = _output_mean(current, theta, theta * fraction, offset, steps)
             offset = offset + (target - out).mean(dim=dims)
-        placed = _add_to_input_bias(snn, node, offset.cpu().numpy().astype(np.float32))
-        row["bias_placed"] = placed
-        if not placed:
-            offset = None
-        else:
-            row["bias_abs_mean"] = round(float(offset.abs().mean()), 6)
+        _add_bias(synapse, offset.cpu().numpy().astype(np.float32))
+        row["bias_abs_mean"] = round(float(offset.abs().mean()), 6)
     if offset is not None:
         current = current + channel_view(offset, current.ndim - 1)
     compiled.tensors["threshold"] = theta
@@ -233,30 +240,35 @@ def _readout_offsets(spikes_in: torch.Tensor, ann_logits: torch.Tensor) -> torch
 
 def _correct_readout(
     snn: ir.Graph, readout: ir.Node, logits: torch.Tensor, ann_logits: torch.Tensor, report: LatencyCalibration
-) -> None:
-    offset = _readout_offsets(logits, ann_logits).cpu().numpy().astype(np.float32)
-    placed = _add_to_input_bias(snn, readout, offset)
-    report.layers[readout.name] = {"bias_placed": placed, "bias_abs_mean": round(float(np.abs(offset).mean()), 6)}
+) -> bool:
+    synapse = _bias_synapse(snn, readout)
+    if synapse is not None:
+        offset = _readout_offsets(logits, ann_logits).cpu().numpy().astype(np.float32)
+        _add_bias(synapse, offset)
+        report.layers[readout.name] = {"bias_placed": True, "bias_abs_mean": round(float(np.abs(offset).mean()), 6)}
+    else:
+        report.layers[readout.name] = {"bias_placed": False}
+    return synapse is not None
 
 
-def _add_to_input_bias(snn: ir.Graph, node: ir.Node, offset: np.ndarray) -> bool:
-    """Adds `offset` (C,) to the input of `node` through the bias of the synapse that produces it.
+def _bias_synapse(snn: ir.Graph, node: ir.Node) -> ir.Node | None:
+    """The synapse whose bias can take a correction of `node`'s input, or None.
 
-    The producer must feed only `node` (else the others would see the shift too). Through a
-    residual Add, the first branch that is such a synapse takes it. Returns whether a place
-    was found (else the layer keeps its bias and the caller drops the correction).
+    The producer of the input must feed only `node` (else the others would see the shift
+    too). Through a residual Add, the first branch that is such a synapse takes it.
     """
-    producer: ir.Node | None = snn.node(node.inputs[0])
     if len(snn.consumers(node.inputs[0])) != 1:
-        return False
+        return None
+    producer: ir.Node | None = snn.node(node.inputs[0])
     if isinstance(producer, ir.Add):
         branches = [snn.node(name) for name in producer.inputs]
         producer = next((b for b in branches if isinstance(b, BIASED) and len(snn.consumers(b.name)) == 1), None)
-    if isinstance(producer, (ir.Conv2d, ir.Linear)):
-        bias = np.zeros(offset.shape, np.float32) if producer.bias is None else producer.bias
-        producer.bias = (bias + offset).astype(np.float32)
-        return True
-    if isinstance(producer, ir.ScaleShift):
-        producer.shift = (np.broadcast_to(producer.shift, offset.shape) + offset).astype(np.float32)
-        return True
-    return False
+    return producer if isinstance(producer, BIASED) else None
+
+
+def _add_bias(synapse: ir.Node, offset: np.ndarray) -> None:
+    if isinstance(synapse, (ir.Conv2d, ir.Linear)):
+        bias = np.zeros(offset.shape, np.float32) if synapse.bias is None else synapse.bias
+        synapse.bias = (bias + offset).astype(np.float32)
+    elif isinstance(synapse, ir.ScaleShift):
+        synapse.shift = (np.broadcast_to(synapse.shift, offset.shape) + offset).astype(np.float32)
