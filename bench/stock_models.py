@@ -182,6 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {t} | {cells} | {row['seconds'].get(str(t), '')} |")
     flags = "; ".join(f"{k}: `{v}`" for k, v in FLAGS.items())
     lines += ["", f"Methods: {flags}.", "", "On 1000 images one point is 10 images; one training run per model."]
+    lines += [f"\n{note}" for note in result.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
