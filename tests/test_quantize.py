@@ -181,7 +181,7 @@ def _assert_same(a: FixedGraph, b: FixedGraph) -> None:
 def test_unsupported_structures_name_the_node():
     ann = make_shared_ann(pool="max")
     snn = convert(ann, compute_thresholds(ann, ThresholdSpec("ceiling")))
-    with pytest.raises(ToolchainError, match=r"'pool1'.*--maxpool avg"):
+    with pytest.raises(ToolchainError, match=r"'pool1'.*maxpool=avg"):
         quantize(snn)
     with pytest.raises(ToolchainError, match="no IF neurons"):
         quantize(make_shared_ann())

@@ -21,7 +21,7 @@ from targets import graph_kind
 from toolchain.core import ir
 from toolchain.core.fixed import FixedGraph, fixed_files
 from toolchain.data import Dataset, load_dataset
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.evaluate import check_input_shape
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
 from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
@@ -113,7 +113,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
     if options.calib is not None and (uses_data(ann, spec) or options.v0 == "optimal"):
         data = _calibration_subset(load_dataset(options.calib, options.calib_split), options.calib_size)
     elif options.v0 == "optimal":
-        raise ToolchainError("--v0 optimal searches initial potentials on data: pass --calib DATA")
+        raise ToolchainError(f"{option('v0', 'optimal')} searches initial potentials on data: pass {option('calib', 'DATA')}")
     batches = calibration_batches(ann, data, options.batch_size) if data is not None else None
     thresholds = compute_thresholds(ann, spec, batches, len(data) if data is not None else 0, options.device)
     snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=options.maxpool))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from targets import TARGETS, target_class
-from toolchain.errors import InternalError, ToolchainError
+from toolchain.errors import InternalError, OptionSpelling, ToolchainError, library_spelling, spelled_as
 
 DEFAULT_STEPS = "1,2,4,8,16,32,64"
 
@@ -345,11 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "export":
             return cmd_export(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
         )
-        return COMMANDS[args.command](args)
+        with spelled_as(flag_spelling(parser)):  # library messages name our flags
+            return COMMANDS[args.command](args)
     except ToolchainError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
@@ -366,6 +368,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind}: {_first_line(error)}; this is a bug in the toolchain, not in your input: "
               f"please report it with the traceback written to {path}", file=sys.stderr)  # fmt: skip
         return InternalError.exit_code
+
+
+def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's library name (its argparse dest, the `BuildOptions` field) -> the flag the
+    messages show (its first spelling: `--maxpool`, `-T`), over every subcommand."""
+    flags: dict[str, str] = {}
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop(0)
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.option_strings and action.dest not in flags:
+                flags[action.dest] = action.option_strings[0]
+    return flags
+
+
+def flag_spelling(parser: argparse.ArgumentParser) -> OptionSpelling:
+    """Library messages' options as this command line's flags: `maxpool=avg` -> `--maxpool avg`."""
+    flags = option_flags(parser)
+
+    def spell(name: str, value: str | None) -> str:
+        flag = flags.get(name)
+        if flag is None:  # not an option of ours (tests/test_option_names.py keeps this from happening)
+            return library_spelling(name, value)
+        return flag if value is None else f"{flag} {value}"
+
+    return spell
 
 
 def _first_line(error: BaseException) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.passes.frontend.layout import channels_last_input
 
 
@@ -43,5 +43,5 @@ class OnnxReference:
             return self.session.run(None, {self.input.name: x})[0]
         size = self.fixed_batch
         if len(x) % size:
-            raise ToolchainError(f"the ONNX model takes batches of exactly {size}; use --batch-size {size}")
+            raise ToolchainError(f"the ONNX model takes batches of exactly {size}; use {option('batch_size', size)}")
         return np.concatenate([self.session.run(None, {self.input.name: x[i : i + size]})[0] for i in range(0, len(x), size)])

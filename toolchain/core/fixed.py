@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.fileio import atomic_directory, pack_document, read_document
 
 FIXED_SCHEMA_VERSION = 1
@@ -254,7 +254,7 @@ def load_fixed(directory: str | Path) -> FixedGraph:
     """Read a FixedGraph from a directory holding `fixed_graph.json` (a build artifact or `save_fixed`)."""
     document, tensors = read_document(
         Path(directory), FIXED_GRAPH_FILE, FIXED_TENSORS_FILE, FIXED_SCHEMA_VERSION,
-        "no fixed-point network; build with --target loihi or lava",
+        f"no fixed-point network; build with {option('target', 'loihi or lava')}",
     )
     layers = []
     names = {f.name for f in dataclasses.fields(FixedLayer)}

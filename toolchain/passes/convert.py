@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolchain.core import ir
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.passes.calibrate import Thresholds
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ def replace_maxpool(graph: ir.Graph, policy: str) -> ir.Graph:
         return graph
     if policy == "error":
         raise ToolchainError(
-            f"node {pools[0].name!r} (MaxPool): max pooling refused by --maxpool error; "
-            "use --maxpool spiking (spiking max-pool) or --maxpool avg (average pooling, changes the ANN)"
+            f"node {pools[0].name!r} (MaxPool): max pooling refused by {option('maxpool', 'error')}; "
+            f"use {option('maxpool', 'spiking')} (spiking max-pool) or {option('maxpool', 'avg')} "
+            "(average pooling, changes the ANN)"
         )
     graph = copy.deepcopy(graph)
     for index, node in enumerate(graph.nodes):

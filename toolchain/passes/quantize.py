@@ -64,7 +64,7 @@ from toolchain.core.fixed import (
     channel_scalar_or_vector,
     per_channel,
 )
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 
 
 def _pool_shape(shape: Shape, pool: tuple[int, int]) -> Shape:
@@ -78,7 +78,7 @@ def _fail_unsupported(node: ir.Node) -> None:
     if isinstance(node, ir.MaxPool2d):
         raise ToolchainError(
             f"node {node.name!r} is a spiking max-pool, which Loihi synapses cannot express; "
-            "rebuild with `--maxpool avg` (average pooling) for the loihi/lava targets"
+            f"rebuild with `{option('maxpool', 'avg')}` (average pooling) for the loihi/lava targets"
         )
     if isinstance(node, ir.Add):
         raise ToolchainError(
