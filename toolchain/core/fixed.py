@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.core.ir import fields_record, node_arrays
 from toolchain.errors import ToolchainError, option
 from toolchain.fileio import atomic_directory, pack_document, read_document
 
@@ -206,27 +207,11 @@ def encode_input(fixed: FixedGraph, x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- save / load
 
 
-def _layer_to_json(index: int, layer: FixedLayer) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    for f in dataclasses.fields(layer):
-        value = getattr(layer, f.name)
-        if isinstance(value, np.ndarray):
-            record[f.name] = {"tensor": f"{index}/{f.name}"}
-        elif isinstance(value, tuple):
-            record[f.name] = list(value)
-        else:
-            record[f.name] = value
-    return record
-
-
 def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
     """The two files that store a FixedGraph (for `ir.save_graph(..., extra_files=...)`)."""
     tensors: dict[str, np.ndarray] = {"input_offset": fixed.input_offset, "input_step": fixed.input_step}
     for index, layer in enumerate(fixed.layers):
-        for f in dataclasses.fields(layer):
-            value = getattr(layer, f.name)
-            if isinstance(value, np.ndarray):
-                tensors[f"{index}/{f.name}"] = value
+        tensors.update({f"{index}/{name}": value for name, value in node_arrays(layer).items()})
     document = {
         "schema_version": FIXED_SCHEMA_VERSION,
         "input_name": fixed.input_name,
@@ -235,7 +220,7 @@ def fixed_files(fixed: FixedGraph) -> dict[str, bytes]:
         "output": fixed.output,
         "v_bits": fixed.v_bits,
         "meta": fixed.meta,
-        "layers": [_layer_to_json(i, layer) for i, layer in enumerate(fixed.layers)],
+        "layers": [fields_record(layer, str(i)) for i, layer in enumerate(fixed.layers)],
     }
     return pack_document(document, tensors, FIXED_GRAPH_FILE, FIXED_TENSORS_FILE)
 

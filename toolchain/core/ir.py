@@ -275,7 +275,8 @@ def _pool_shape(shape: Shape, kernel: tuple[int, int], stride: tuple[int, int], 
     )
 
 
-def node_arrays(node: Node) -> dict[str, np.ndarray]:
+def node_arrays(node: Any) -> dict[str, np.ndarray]:
+    """A node's (or any dataclass's) array fields by name, in field order."""
     return {
         f.name: getattr(node, f.name)
         for f in dataclasses.fields(node)
@@ -286,17 +287,23 @@ def node_arrays(node: Node) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- artifact I/O
 
 
-def _node_to_json(node: Node) -> dict[str, Any]:
-    record: dict[str, Any] = {"op": node.op}
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
+def fields_record(item: Any, tensor_prefix: str) -> dict[str, Any]:
+    """A dataclass's fields as a JSON record: arrays become references `{"tensor": "PREFIX/field"}`
+    into the tensor file, tuples lists. Serves graph nodes here and the fixed-point IR's layers."""
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(item):
+        value = getattr(item, f.name)
         if isinstance(value, np.ndarray):
-            record[f.name] = {"tensor": f"{node.name}/{f.name}"}
+            record[f.name] = {"tensor": f"{tensor_prefix}/{f.name}"}
         elif isinstance(value, tuple):
             record[f.name] = list(value)
         else:
             record[f.name] = value
     return record
+
+
+def _node_to_json(node: Node) -> dict[str, Any]:
+    return {"op": node.op, **fields_record(node, node.name)}
 
 
 def _node_from_json(record: dict[str, Any], tensors: dict[str, np.ndarray]) -> Node:
