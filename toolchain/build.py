@@ -72,15 +72,22 @@ def apply_preprocess_overrides(
 
 def load_ann(options: BuildOptions) -> ir.Graph:
     from toolchain.frontend import load_onnx
+    from toolchain.options import check_preprocess_fits
 
     ann = load_onnx(options.model)
     ann.preprocess = apply_preprocess_overrides(ann.preprocess, options.scale, options.mean, options.std)
+    check_preprocess_fits(ann.preprocess, ann.input_shape, str(options.model))
     return replace_maxpool(ann, options.maxpool)
 
 
-def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int) -> list[np.ndarray]:
+def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int, scale: float | None = None) -> list[np.ndarray]:
+    """Preprocessed calibration batches; `scale` is the user's --scale (else float images already
+    in [0, 1] are not scaled by the model's 1/255 again)."""
+    from toolchain.options import fit_scale_to_data
+
     check_input_shape(data, ann.input_shape, str(ann.meta.get("source", "the model")))
-    return [ann.network_input(x) for x, _ in data.batches(batch_size)]
+    preprocess = fit_scale_to_data(ann.preprocess, data, scale)
+    return [preprocess.apply(x).reshape((len(x), *ann.input_shape)) for x, _ in data.batches(batch_size)]
 
 
 def build_snn(options: BuildOptions) -> BuildResult:
@@ -92,7 +99,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
         data = _calibration_subset(load_dataset(options.calib, options.calib_split), options.calib_size)
     elif options.v0 == "optimal":
         raise ToolchainError("--v0 optimal searches initial potentials on data: pass --calib DATA")
-    batches = calibration_batches(ann, data, options.batch_size) if data is not None else None
+    batches = calibration_batches(ann, data, options.batch_size, options.scale) if data is not None else None
     thresholds = compute_thresholds(ann, spec, batches, len(data) if data is not None else 0, options.device)
     snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=options.maxpool))
     chosen: dict[str, float] = {}
@@ -129,15 +136,36 @@ def _calibration_subset(data: Dataset, size: int) -> Dataset:
     if size <= 0 or size >= len(data):
         return data
     index = np.linspace(0, len(data) - 1, size).astype(np.int64)
-    return Dataset(data.x[index], data.y[index], data.source)
+    return Dataset(data.x[index], data.y[index], data.source, data.classes)
+
+
+def check_test_data(test: Dataset, result: BuildResult, model: Path) -> None:
+    """The build's --data against the built network (shape, labels against its outputs), before
+    anything is written; class folder names are kept in the artifact for `eval` to check."""
+    from toolchain.data import check_class_names, check_labels
+
+    graph = result.snn
+    check_input_shape(test, graph.input_shape, str(model))
+    check_labels(test, int(np.prod(graph.shape_of(graph.output))), str(model))
+    calib = result.calibration_data
+    if calib is not None and calib.classes is not None:
+        check_class_names(test, calib.classes, f"{model} (calibrated on {calib.source})")
+    classes = test.classes or (calib.classes if calib is not None else None)
+    if classes is not None:
+        graph.meta["classes"] = list(classes)
 
 
 def write_artifact(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> Path:
     if options.out is None:
         raise ToolchainError("no output folder given: pass -o OUT")
+    return ir.save_graph(result.snn, options.out, artifact_files(result, options, extra_files))
+
+
+def artifact_files(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Every file of the artifact but the graph's own two (`ir.graph_files`) and the manifest."""
     files = {**ann_files(Path(options.model)), BUILD_LOG_FILE: json.dumps(result.log, indent=1).encode()}
     files.update(extra_files or {})
-    return ir.save_graph(result.snn, options.out, files)
+    return files
 
 
 def ann_files(model: Path, limit: int = PROTOBUF_LIMIT) -> dict[str, bytes]:

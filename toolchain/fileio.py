@@ -206,11 +206,14 @@ class StagedDirectory:
         self.target = Path(os.path.abspath(target))  # "." has no name to stage beside
         self.force = force
         check_replaceable(self.target, force=force)
+        # Folders made for -o are removed again if nothing is committed: a failure leaves nothing new.
+        self.made = [p for p in (self.target.parent, *self.target.parent.parents) if not p.exists()]
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             sweep_stale(self.target)
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}{STAGING_TAG}{os.getpid()}-", dir=self.target.parent))
         except OSError as exc:
+            self._remove_made()
             raise os_error(self.given, exc) from None
         self.committed = False
 
@@ -239,6 +242,14 @@ class StagedDirectory:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self.made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def commit(self) -> Path:
         """Close the folder with its manifest and swap it into place."""
@@ -341,3 +352,32 @@ def read_document(
             return document, {k: archive[k] for k in archive.files}
     except Exception as exc:  # noqa: BLE001 - zip, format and pickle errors of a damaged file
         raise ToolchainError(f"{npz_path}: unreadable arrays ({type(exc).__name__}); rebuild the artifact") from None
+
+
+# ---------------------------------------------------------------- ONNX external data
+
+
+def check_external_data(model_path: str | Path) -> None:
+    """Every external-data file an ONNX model names must lie inside the model's own folder: no
+    absolute path, no `..`, no symlink out of it (onnxruntime would follow any of them)."""
+    import onnx
+    from onnx import external_data_helper
+
+    path = Path(model_path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError as exc:
+        raise os_error(path, exc, "cannot read") from None
+    except Exception:  # noqa: BLE001 - not an ONNX file: the loader that opens it next says so
+        return
+    folder = Path(os.path.realpath(path.parent))
+    for tensor in external_data_helper._get_all_tensors(model):  # initializers, attributes, subgraphs
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        where = Path(os.path.realpath(folder / location))
+        if not location or os.path.isabs(location) or (where != folder and folder not in where.parents):
+            raise ToolchainError(
+                f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the model's folder; "
+                "external data must lie beside the model"
+            )

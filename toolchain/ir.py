@@ -317,11 +317,16 @@ def graph_tensors(graph: Graph) -> dict[str, np.ndarray]:
 
 def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the artifact atomically: into a temporary sibling, then renamed into place."""
-    from toolchain.fileio import atomic_directory, pack_document
+    from toolchain.fileio import atomic_directory
 
-    files = pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
-    files.update(extra_files or {})
-    return atomic_directory(Path(directory), files, GRAPH_FILE)
+    return atomic_directory(Path(directory), {**graph_files(graph), **(extra_files or {})}, GRAPH_FILE)
+
+
+def graph_files(graph: Graph) -> dict[str, bytes]:
+    """The two files that store a Graph: graph.json and tensors.npz."""
+    from toolchain.fileio import pack_document
+
+    return pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
 
 
 def load_graph(directory: str | Path) -> Graph:
