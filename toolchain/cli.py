@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as error:  # a full disk, a read-only folder, an unreadable file, a full stdout
-        if faults.stdout_failed():
+        if faults.stdout_failed() or faults.is_write_without_path(error):
             faults.silence_stdout()
             print(f"error: stdout: cannot write ({error.strerror or error})", file=sys.stderr)
         else:

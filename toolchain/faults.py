@@ -3,6 +3,7 @@ a full or closed stdout, and warnings of the libraries it drives."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -58,6 +59,12 @@ def stdout_failed() -> bool:
     except (OSError, ValueError):
         return True
     return False
+
+
+def is_write_without_path(error: OSError) -> bool:
+    """A failed write that names no file: every file write of ours names its path, so this is stdout
+    (a full device), whose buffer the first failed flush has already dropped."""
+    return error.filename is None and error.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG)
 
 
 def silence_stdout() -> None:
