@@ -440,7 +440,7 @@ def _quantize_bias(bias_int: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     if exp > BIAS_EXP_MAX:
         raise ToolchainError(
             f"layer {name!r}: bias of {peak:.0f} membrane units per step does not fit a 13-bit mantissa with "
-            f"exponent <= {BIAS_EXP_MAX}; lower --threshold-bits or check the thresholds of this layer"
+            f"exponent <= {BIAS_EXP_MAX}; lower threshold_bits (quantize()) or check this layer's thresholds (--threshold)"
         )
     mant = np.clip(np.round(bias_int / 2.0**exp), -BIAS_MANT_MAX, BIAS_MANT_MAX).astype(np.int16)
     return mant, exp

@@ -291,7 +291,7 @@ class LavaTarget:
             if new[name] and self.on_overflow == "raise":
                 raise ToolchainError(
                     f"layer {name!r}: the 24-bit membrane overflowed {new[name]} times in Lava; quantise with "
-                    "fewer --threshold-bits, run fewer steps, or pass on_overflow='saturate'"
+                    "a lower threshold_bits (quantize()), fewer steps (-T), or pass on_overflow='saturate'"
                 )
         return new
 

@@ -721,7 +721,7 @@ class LoihiTarget:
                 first = int(np.flatnonzero(per_step)[0])
                 raise ToolchainError(
                     f"layer {name!r}: the 24-bit membrane overflowed {total} times (first at step {first}); "
-                    "quantise with fewer --threshold-bits, run fewer steps, or pass on_overflow='saturate'"
+                    "quantise with a lower threshold_bits (quantize()), fewer steps (-T), or pass on_overflow='saturate'"
                 )
 
 
