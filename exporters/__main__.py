@@ -20,8 +20,9 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     from models.arch import ARCHS
     from models.layers import ACTIVATIONS
+    from toolchain.options import OneLineParser
 
-    parser = argparse.ArgumentParser(prog="toolchain export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="toolchain export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, help="checkpoint (models.train model.pt) or a state_dict file")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture (taken from the checkpoint if there)")

@@ -54,7 +54,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolchain", description="Convert ONNX ANNs into low-latency spiking networks.")
+    from toolchain.options import OneLineParser
+
+    parser = OneLineParser(prog="toolchain", description="Convert ONNX ANNs into low-latency spiking networks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     commands = parser.add_subparsers(dest="command", required=True)
 

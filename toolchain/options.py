@@ -5,10 +5,12 @@ Every message names the option and what to give instead.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from toolchain.errors import ToolchainError
 from toolchain.ir import Preprocess
@@ -74,3 +76,11 @@ def fit_scale_to_data(preprocess: Preprocess, data: Any, scale: float | None) ->
     if scale is not None or preprocess.scale is None or abs(preprocess.scale * 255 - 1) > 1e-6 or not is_unit_float(data):
         return preprocess
     return dataclasses.replace(preprocess, scale=1.0)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (no usage block) naming the option, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
