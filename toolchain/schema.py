@@ -160,6 +160,11 @@ def check_graph_document(path: Path, document: dict[str, Any], tensors: dict[str
     meta = document.get("meta", {})
     if not isinstance(meta, dict):
         fail(path, "meta", "expected an object")
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        fail(path, "meta.classes", "expected a list of class names")
+    if not isinstance(meta.get("source", ""), str):
+        fail(path, "meta.source", "expected text")
     nodes_json = document.get("nodes")
     if not isinstance(nodes_json, list) or not nodes_json:
         fail(path, "nodes", "expected a non-empty list")
@@ -167,7 +172,7 @@ def check_graph_document(path: Path, document: dict[str, Any], tensors: dict[str
     nodes: list[ir.Node] = []
     for index, record in enumerate(nodes_json):
         where = f"nodes[{index}]"
-        if not isinstance(record, dict) or record.get("op") not in ir.NODE_TYPES:
+        if not isinstance(record, dict) or not isinstance(record.get("op"), str) or record["op"] not in ir.NODE_TYPES:
             op = record.get("op") if isinstance(record, dict) else None
             fail(path, where, f"unknown node op {str(op)[:40]!r} (written by a newer toolchain?)")
         cls = ir.NODE_TYPES[record["op"]]
