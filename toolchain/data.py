@@ -270,9 +270,9 @@ def check_dataset(data: Dataset) -> Dataset:
         raise ToolchainError(f"{where}: the data set is empty (0 samples)")
     if math.prod(x.shape[1:]) == 0 or math.prod(x.shape[1:]) > MAX_SAMPLE_ELEMENTS:
         raise ToolchainError(f"{where}: samples of shape {x.shape[1:]} are not images or feature vectors")
-    if x.dtype.kind not in "biuf":
+    if x.dtype.kind not in "iuf":
         raise ToolchainError(f"{where}: samples of type {x.dtype}; give numbers (uint8 pixels or floats)")
-    if x.dtype.kind in "biu" and x.dtype != np.uint8:
+    if x.dtype.kind in "iu" and x.dtype != np.uint8:
         low, high = int(x.min()), int(x.max())
         if low < 0 or high > 255:
             raise ToolchainError(

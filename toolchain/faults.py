@@ -29,19 +29,14 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 
 def install() -> None:
-    """SIGTERM/SIGHUP as KeyboardInterrupt; warnings as log records (-v shows them), never raw lines."""
+    """SIGTERM/SIGHUP as KeyboardInterrupt; warnings as log records (-v shows them), never raw lines
+    (onnxruntime's own C++ log is set to errors only where a session is made, `toolchain.reference`)."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
         try:
             signal.signal(signum, _raise_terminated)
         except (ValueError, OSError):  # not the main thread
             pass
     warnings.showwarning = _log_warning
-    try:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)  # errors only: its warnings are C++ lines on stderr
-    except ImportError:
-        pass
 
 
 def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:

@@ -170,10 +170,13 @@ def sweep_stale(target: Path) -> None:
             pid = _owner_pid(entry.name, tag)
             if pid is None or pid == os.getpid() or _pid_alive(pid):
                 continue
-            if tag == RETIRED_TAG and not target.exists():
-                os.rename(entry, target)
-            else:
+            if tag == RETIRED_TAG and not target.exists() and (entry / "old").exists():
+                os.rename(entry / "old", target)
                 shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -286,7 +289,9 @@ def atomic_file(target: Path, data: bytes) -> Path:
     tmp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as handle:
+        sweep_stale(target)
+        prefix = f".{target.name}{STAGING_TAG}{os.getpid()}-"
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=prefix, delete=False) as handle:
             tmp = handle.name
             handle.write(data)
             handle.flush()

@@ -19,6 +19,7 @@ class OnnxReference:
         from toolchain.fileio import check_external_data
 
         check_external_data(path)  # onnxruntime would follow any path the file names
+        ort.set_default_logger_severity(3)  # its warnings are raw C++ lines on stderr
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
