@@ -108,6 +108,12 @@ def _user_folder_with_graph_json(w: Path):
     return ["build", w / "model.onnx", "-o", w / "mine"], ["mine", "--force"]
 
 
+def _lone_graph_json(w: Path):  # a graph.json alone is not an artifact of ours
+    (w / "mine").mkdir()
+    (w / "mine" / "graph.json").write_text('{"schema_version": 1}')
+    return ["build", w / "model.onnx", "-o", w / "mine"], ["mine", "intact graph.json"]
+
+
 def _edited_artifact_as_output(w: Path):
     (w / "art" / "build.json").write_text("{}")
     return ["build", w / "model.onnx", "-o", w / "art"], ["art", "build.json"]
@@ -302,8 +308,8 @@ def _output_holds_the_model(w: Path):
 
 
 CASES: list[Case] = [
-    _late_failure, _user_folder_with_graph_json, _edited_artifact_as_output, _output_is_a_file, _report_over_artifact_file,
-    _report_over_user_file, _report_plot_over_user_file, _export_to_folder, _export_over_user_file, _export_opset,
+    _late_failure, _user_folder_with_graph_json, _lone_graph_json, _edited_artifact_as_output, _output_is_a_file,
+    _report_over_artifact_file, _report_over_user_file, _report_plot_over_user_file, _export_to_folder, _export_over_user_file, _export_opset,
     _mean_digit, _fixed_graph_edit, _ann_replaced, _no_manifest, _foreign_types, _foreign_shape, _foreign_threshold,
     _foreign_fixed_weights, _ann_external_data_outside, _idx_huge, _idx_2d, _npz_truncated, _corrupt_jpeg, _mixed_sizes,
     _labels_2d, _labels_nan, _labels_beyond_outputs, _empty, _nan_pixels, _wide_int_pixels, _std_zero, _scale_nan,
@@ -327,6 +333,13 @@ def test_a_complete_artifact_is_replaced_and_stale_staging_swept(work):
     assert not stale.exists()
     assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []
     assert run("inspect", work / "art").status == 0
+
+
+def test_an_artifact_written_before_manifests_is_replaced(work):
+    (work / "art" / manifest.MANIFEST_FILE).unlink()
+    outcome = run("build", work / "model.onnx", "--calib", work / "data.npz", "-o", work / "art")
+    assert outcome.status == 0, outcome.stderr
+    assert (work / "art" / manifest.MANIFEST_FILE).is_file()
 
 
 def test_sigterm_while_staging_leaves_nothing(work):

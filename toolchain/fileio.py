@@ -32,6 +32,7 @@ RETIRED_TAG = ".toolchain-retired-"  # the old artifact between the two renames 
 LEGACY_FILES = frozenset(
     {"graph.json", "tensors.npz", "ann.onnx", "ann.onnx.data", "build.json", "fixed_graph.json", "fixed_tensors.npz"}
 )
+LEGACY_DOCUMENTS = (("graph.json", "tensors.npz"), ("fixed_graph.json", "fixed_tensors.npz"))
 FORCE_HINT = "pass --force to replace it anyway"
 
 
@@ -74,11 +75,13 @@ def _not_ours(folder: Path) -> str | None:
     if not entries:
         return None
     listed = manifest.listed_files(folder)
-    if listed is None:  # written before manifests: only the files such an artifact had
-        names = {e.name for e in entries}
+    if listed is None:  # written before manifests: only the files such an artifact had, intact
         strays = [e.name for e in entries if not e.is_file() or (e.name not in LEGACY_FILES and not is_our_report(e))]
-        if strays or not names & {"graph.json", "fixed_graph.json"}:
-            return f"no {manifest.MANIFEST_FILE}" + (f"; {strays[0]} is not a file of an artifact" if strays else "")
+        if strays:
+            return f"no {manifest.MANIFEST_FILE}; {strays[0]} is not a file of an artifact"
+        documents = [(j, n) for j, n in LEGACY_DOCUMENTS if (folder / j).is_file()]
+        if not documents or not all(_intact_document(folder, j, n) for j, n in documents):
+            return f"no {manifest.MANIFEST_FILE}, and no intact graph.json with its tensors"
         return None
     for entry in entries:
         if entry.name == manifest.MANIFEST_FILE:
@@ -89,6 +92,17 @@ def _not_ours(folder: Path) -> str | None:
             return f"{entry.name} is not a file of the artifact"
     problem = manifest.mismatch(folder)
     return f"{problem} differs from the artifact's manifest" if problem else None
+
+
+def _intact_document(folder: Path, json_name: str, npz_name: str) -> bool:
+    """A JSON document of ours whose arrays file matches the sha256 it records (`pack_document`)."""
+    try:
+        document = json.loads((folder / json_name).read_bytes())
+        digest = hashlib.sha256((folder / npz_name).read_bytes()).hexdigest()
+    except (OSError, ValueError, RecursionError):
+        return False
+    checksums = document.get("checksums") if isinstance(document, dict) else None
+    return isinstance(checksums, dict) and checksums.get(npz_name) == digest
 
 
 def check_replaceable(target: Path, marker: str = "", force: bool = False) -> None:
