@@ -309,11 +309,11 @@ def _output_holds_the_model(w: Path):
 
 CASES: list[Case] = [
     _late_failure, _user_folder_with_graph_json, _lone_graph_json, _edited_artifact_as_output, _output_is_a_file,
-    _report_over_artifact_file, _report_over_user_file, _report_plot_over_user_file, _export_to_folder, _export_over_user_file, _export_opset,
-    _mean_digit, _fixed_graph_edit, _ann_replaced, _no_manifest, _foreign_types, _foreign_shape, _foreign_threshold,
-    _foreign_fixed_weights, _ann_external_data_outside, _idx_huge, _idx_2d, _npz_truncated, _corrupt_jpeg, _mixed_sizes,
-    _labels_2d, _labels_nan, _labels_beyond_outputs, _empty, _nan_pixels, _wide_int_pixels, _std_zero, _scale_nan,
-    _mean_channels, _steps_beyond_overflow_free, _output_holds_the_model,
+    _report_over_artifact_file, _report_over_user_file, _report_plot_over_user_file, _export_to_folder,
+    _export_over_user_file, _export_opset, _mean_digit, _fixed_graph_edit, _ann_replaced, _no_manifest, _foreign_types,
+    _foreign_shape, _foreign_threshold, _foreign_fixed_weights, _ann_external_data_outside, _idx_huge, _idx_2d,
+    _npz_truncated, _corrupt_jpeg, _mixed_sizes, _labels_2d, _labels_nan, _labels_beyond_outputs, _empty, _nan_pixels,
+    _wide_int_pixels, _std_zero, _scale_nan, _mean_channels, _steps_beyond_overflow_free, _output_holds_the_model,
 ]  # fmt: skip
 
 
