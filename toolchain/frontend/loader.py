@@ -19,6 +19,7 @@ import onnx
 
 from toolchain import ir
 from toolchain.errors import ToolchainError
+from toolchain.fileio import check_external_data
 from toolchain.frontend.folding import fold_constants, initializer_arrays
 from toolchain.frontend.layout import channels_last_input
 from toolchain.frontend.ops import HANDLERS, PSEUDO, SUPPORTED_OPS, Builder
@@ -68,6 +69,7 @@ class _Loader:
             self.fail("no such file")
         if not self.path.is_file():
             self.fail("not a file")
+        check_external_data(self.path)  # no absolute path, `..` or symlink out of the model's folder
         try:
             model = onnx.load(str(self.path))
         except Exception as exc:  # noqa: BLE001 - protobuf/IO errors become one-line user errors
