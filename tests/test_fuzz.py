@@ -27,7 +27,7 @@ def base(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fuzz")
     tiny_model(folder / "model.onnx")
     tiny_data(folder / "data.npz")
-    outcome = run("build", folder / "model.onnx", "--calib", folder / "data.npz", "-o", folder / "art")
+    outcome = run("build", folder / "model.onnx", "--target", "loihi", "--calib", folder / "data.npz", "-o", folder / "art")
     assert outcome.status == 0, outcome.stderr
     return folder
 
@@ -98,19 +98,31 @@ def _set(document: Any, path: tuple[Any, ...], value: Any) -> None:
 
 
 @SETTINGS
-@given(choice=st.integers(0, 10**6), value=json_values, reseal=st.booleans(), command=st.sampled_from(["inspect", "eval"]))
-def test_mutated_artifacts(base, choice, value, reseal, command):
-    """One field of graph.json replaced by any JSON value; resealed (a foreign artifact whose manifest
-    matches) or not (a hand edit the manifest must catch)."""
+@given(
+    choice=st.integers(0, 10**6),
+    value=json_values,
+    reseal=st.booleans(),
+    document=st.sampled_from(["graph.json", "fixed_graph.json"]),
+    command=st.sampled_from(["inspect", "eval"]),
+)
+def test_mutated_artifacts(base, choice, value, reseal, document, command):
+    """One field of graph.json or fixed_graph.json replaced by any JSON value; resealed (a foreign
+    artifact whose manifest matches) or not (a hand edit the manifest must catch)."""
     folder = fresh(base)
-    path = folder / "art" / "graph.json"
-    document = json.loads(path.read_text())
-    paths = _paths(document)
-    _set(document, paths[choice % len(paths)], value)
-    path.write_text(json.dumps(document))
+    path = folder / "art" / document
+    content = json.loads(path.read_text())
+    paths = _paths(content)
+    _set(content, paths[choice % len(paths)], value)
+    path.write_text(json.dumps(content))
     if reseal:
         (folder / "art" / manifest.MANIFEST_FILE).write_bytes(manifest.build_manifest(folder / "art"))
-    args = [command, folder / "art"] + (["--data", folder / "data.npz", "-T", "2", "--no-ann"] if command == "eval" else [])
+    target = ["--target", "loihi"] if document == "fixed_graph.json" else []
+    run_eval = command == "eval" or document == "fixed_graph.json"  # inspect reads graph.json only
+    args = (
+        ["eval", folder / "art", "--data", folder / "data.npz", "-T", "2", "--no-ann", *target]
+        if run_eval
+        else ["inspect", folder / "art"]
+    )
     status = holds_contract(args, folder)
     if not reseal:
         assert status == 2  # every edit the manifest did not see is refused
