@@ -110,6 +110,8 @@ def build_snn(options: BuildOptions) -> BuildResult:
     snn.meta["conversion"].update(
         {"threshold": spec.describe(), "per_channel": spec.per_channel, "v0_fraction": chosen, "v0_steps": options.v0_steps}
     )
+    if data is not None and data.classes is not None:  # class folder names, for eval to check
+        snn.meta["classes"] = list(data.classes)
     build_log = {
         "model": str(options.model),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -147,12 +149,9 @@ def check_test_data(test: Dataset, result: BuildResult, model: Path) -> None:
     graph = result.snn
     check_input_shape(test, graph.input_shape, str(model))
     check_labels(test, int(np.prod(graph.shape_of(graph.output))), str(model))
-    calib = result.calibration_data
-    if calib is not None and calib.classes is not None:
-        check_class_names(test, calib.classes, f"{model} (calibrated on {calib.source})")
-    classes = test.classes or (calib.classes if calib is not None else None)
-    if classes is not None:
-        graph.meta["classes"] = list(classes)
+    check_class_names(test, graph.meta.get("classes"), str(model))  # those of the calibration data
+    if test.classes is not None:
+        graph.meta["classes"] = list(test.classes)
 
 
 def write_artifact(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> Path:
