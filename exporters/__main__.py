@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.train import CHECKPOINT_FORMAT
 
     def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
     from toolchain.errors import ToolchainError
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        return fail(f"{path}: cannot read torch weights ({exc})")
+        return fail(f"{path}: cannot read torch weights ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
     config: dict = {}
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         config, state = dict(ckpt["config"]), ckpt["state_dict"]

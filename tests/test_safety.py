@@ -303,6 +303,15 @@ def _steps_beyond_overflow_free(w: Path):
     ]
 
 
+def _output_is_a_device(w: Path):  # --force replaces files and folders, never a device
+    return ["build", w / "model.onnx", "--force", "-o", "/dev/null"], ["/dev/null", "device"]
+
+
+def _fake_tarball(w: Path):  # tarfile's message is several lines: still one
+    (w / "x.tar.gz").write_text("not a tarball")
+    return ["eval", w / "art", "--data", w / "x.tar.gz"], ["x.tar.gz"]
+
+
 def _output_holds_the_model(w: Path):
     return ["build", w / "model.onnx", "--force", "-o", w], ["holds the input"]
 
@@ -314,6 +323,7 @@ CASES: list[Case] = [
     _foreign_shape, _foreign_threshold, _foreign_fixed_weights, _ann_external_data_outside, _idx_huge, _idx_2d,
     _npz_truncated, _corrupt_jpeg, _mixed_sizes, _labels_2d, _labels_nan, _labels_beyond_outputs, _empty, _nan_pixels,
     _wide_int_pixels, _std_zero, _scale_nan, _mean_channels, _steps_beyond_overflow_free, _output_holds_the_model,
+    _output_is_a_device, _fake_tarball,
 ]  # fmt: skip
 
 

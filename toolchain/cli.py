@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         flush_stdout()
         return status
     except ToolchainError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever a library said
         if str(error).startswith("stdout:"):
             faults.silence_stdout()
         return error.exit_code

@@ -110,7 +110,14 @@ def check_replaceable(target: Path, marker: str = "", force: bool = False) -> No
     missing path, an empty folder or a complete earlier output (its manifest matching every file)
     may be replaced, unless `force`."""
     target = Path(target)
-    if force or (not target.exists() and not target.is_symlink()):
+    if not target.exists() and not target.is_symlink():
+        return
+    if not (target.is_symlink() or target.is_dir() or target.is_file()):
+        raise ToolchainError(f"{target}: is not a file or folder (a device?); choose another output folder")
+    if force:  # anything, but never the folder the user stands in (or one above it)
+        here = Path(os.getcwd()).resolve()
+        if not target.is_symlink() and (target.resolve() == here or target.resolve() in here.parents):
+            raise ToolchainError(f"{target}: holds the current folder; --force will not replace it")
         return
     if target.is_symlink() or not target.is_dir():
         raise ToolchainError(f"{target}: exists and is not a folder; choose another output folder or {FORCE_HINT}")
@@ -131,6 +138,8 @@ def check_file_replaceable(target: Path, ours: bool, force: bool = False, option
     target = Path(target)
     if target.is_dir():
         raise ToolchainError(f"{option} {target}: is a folder; give a file name")
+    if target.exists() and not target.is_file():
+        raise ToolchainError(f"{option} {target}: is not a regular file (a device?); give a file name")
     if not target.exists() and not target.is_symlink():
         return
     if manifest.lists(target):
