@@ -93,16 +93,23 @@ def apply_preprocess_overrides(
 
 
 def load_ann(options: BuildOptions) -> ir.Graph:
+    from toolchain.options import check_preprocess_fits
     from toolchain.passes.frontend import load_onnx
 
     ann = load_onnx(options.model)
     ann.preprocess = apply_preprocess_overrides(ann.preprocess, options.scale, options.mean, options.std)
+    check_preprocess_fits(ann.preprocess, ann.input_shape, str(options.model))
     return replace_maxpool(ann, options.maxpool)
 
 
-def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int) -> list[np.ndarray]:
+def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int, scale: float | None = None) -> list[np.ndarray]:
+    """Preprocessed calibration batches; `scale` is the user's --scale (else float images already
+    in [0, 1] are not scaled by the model's 1/255 again)."""
+    from toolchain.options import fit_scale_to_data
+
     check_input_shape(data, ann.input_shape, str(ann.meta.get("source", "the model")))
-    return [ann.network_input(x) for x, _ in data.batches(batch_size)]
+    preprocess = fit_scale_to_data(ann.preprocess, data, scale)
+    return [preprocess.apply(x).reshape((len(x), *ann.input_shape)) for x, _ in data.batches(batch_size)]
 
 
 def build_snn(options: BuildOptions) -> BuildResult:
@@ -114,7 +121,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
         data = _calibration_subset(load_dataset(options.calib, options.calib_split), options.calib_size)
     elif options.v0 == "optimal":
         raise ToolchainError(f"{option('v0', 'optimal')} searches initial potentials on data: pass {option('calib', 'DATA')}")
-    batches = calibration_batches(ann, data, options.batch_size) if data is not None else None
+    batches = calibration_batches(ann, data, options.batch_size, options.scale) if data is not None else None
     thresholds = compute_thresholds(ann, spec, batches, len(data) if data is not None else 0, options.device)
     snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=options.maxpool))
     chosen: dict[str, float] = {}
@@ -125,6 +132,8 @@ def build_snn(options: BuildOptions) -> BuildResult:
     snn.meta["conversion"].update(
         {"threshold": spec.describe(), "per_channel": spec.per_channel, "v0_fraction": chosen, "v0_steps": options.v0_steps}
     )
+    if data is not None and data.classes is not None:  # class folder names, for eval to check
+        snn.meta["classes"] = list(data.classes)
     build_log = {
         "model": str(options.model),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -151,17 +160,35 @@ def _calibration_subset(data: Dataset, size: int) -> Dataset:
     if size <= 0 or size >= len(data):
         return data
     index = np.linspace(0, len(data) - 1, size).astype(np.int64)
-    return Dataset(data.x[index], data.y[index], data.source)
+    return Dataset(data.x[index], data.y[index], data.source, data.classes)
+
+
+def check_test_data(test: Dataset, result: BuildResult, model: Path) -> None:
+    """The build's --data against the built network (shape, labels against its outputs), before
+    anything is written; class folder names are kept in the artifact for `eval` to check."""
+    from toolchain.data import check_class_names, check_labels
+
+    graph = result.snn
+    check_input_shape(test, graph.input_shape, str(model))
+    check_labels(test, int(np.prod(graph.shape_of(graph.output))), str(model))
+    check_class_names(test, graph.meta.get("classes"), str(model))  # those of the calibration data
+    if test.classes is not None:
+        graph.meta["classes"] = list(test.classes)
 
 
 def write_artifact(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> Path:
     if options.out is None:
         raise ToolchainError("no output folder given: pass -o OUT")
+    return ir.save_graph(result.snn, options.out, artifact_files(result, options, extra_files))
+
+
+def artifact_files(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Every file of the artifact but the graph's own two (`ir.graph_files`) and the manifest."""
     files = {**ann_files(Path(options.model)), BUILD_LOG_FILE: json.dumps(result.log, indent=1).encode()}
     if result.fixed is not None:
         files.update(fixed_files(result.fixed))
     files.update(extra_files or {})
-    return ir.save_graph(result.snn, options.out, files)
+    return files
 
 
 def ann_files(model: Path, limit: int = PROTOBUF_LIMIT) -> dict[str, bytes]:

@@ -53,3 +53,9 @@ class InternalError(Exception):
     The CLI says so in one line, writes the full traceback to a file it names, and exits 3."""
 
     exit_code = 3
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line (or its type where it has no text), for a one-line message."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -16,6 +16,11 @@ class OnnxReference:
     def __init__(self, path: str | Path):
         import onnxruntime as ort
 
+        from toolchain.fileio import check_external_data
+
+        check_external_data(path)  # onnxruntime would follow any path the file names
+        ort.set_default_logger_severity(3)  # its warnings are raw C++ lines on stderr
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # The ANN runs beside the SNN simulation: no busy-waiting threads competing with it.

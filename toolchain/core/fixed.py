@@ -40,7 +40,6 @@ Saved next to the float artifact as `fixed_graph.json` + `fixed_tensors.npz`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -237,34 +236,13 @@ def has_fixed(directory: str | Path) -> bool:
 
 def load_fixed(directory: str | Path) -> FixedGraph:
     """Read a FixedGraph from a directory holding `fixed_graph.json` (a build artifact or `save_fixed`)."""
+    from toolchain.core.schema import check_fixed_document
+
     document, tensors = read_document(
         Path(directory), FIXED_GRAPH_FILE, FIXED_TENSORS_FILE, FIXED_SCHEMA_VERSION,
         f"no fixed-point network; build with {option('target', 'loihi or lava')}",
     )
-    layers = []
-    names = {f.name for f in dataclasses.fields(FixedLayer)}
-    for record in document["layers"]:
-        kwargs: dict[str, Any] = {}
-        for key, value in record.items():
-            if key not in names:
-                continue
-            if isinstance(value, dict) and "tensor" in value:
-                value = tensors[value["tensor"]]
-            elif isinstance(value, list) and key in ("in_shape", "shape", "pool", "stride", "padding", "dilation"):
-                value = tuple(value)
-            kwargs[key] = value
-        layers.append(FixedLayer(**kwargs))
-    return FixedGraph(
-        input_name=document["input_name"],
-        input_shape=tuple(document["input_shape"]),
-        input_bits=document["input_bits"],
-        input_offset=tensors["input_offset"],
-        input_step=tensors["input_step"],
-        layers=layers,
-        output=document["output"],
-        v_bits=document.get("v_bits", V_BITS),
-        meta=document.get("meta", {}),
-    )
+    return check_fixed_document(Path(directory) / FIXED_GRAPH_FILE, document, tensors)  # types, shapes, ranges
 
 
 # How a driver turns a float SNN into a FixedGraph for a backend (the quantise pass, with its options):
