@@ -55,7 +55,10 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
     assert len(lines) == 1 and "pip install lava-nc==0.10.0" in lines[0] and "3.10" in lines[0], out
 
 
-@pytest.mark.parametrize("variant, samples, steps", [("basic", 3, 12), ("odd", 2, 10)])
+@pytest.mark.parametrize(
+    "variant, samples, steps",
+    [("basic", 3, 12), ("odd", 2, 10), ("residual", 2, 10), ("concat", 2, 10), ("depthwise", 2, 10)],
+)
 @needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
     from toolchain.validate import validate
