@@ -12,6 +12,8 @@
 * "concat": Inception-style concatenations of populations into a conv and of convs into a
   population, a DenseNet-style block input concatenated with its output (batch norm after
   it), and concatenated pooled branches into the classifier.
+* "maxpool": LeNet/VGG-style max pooling (2x2, and an overlapping padded 3x3 with stride 2),
+  converted with `maxpool` ("relu": IF-neuron max trees, which fixed point runs).
 * "depthwise": MobileNet-style depthwise and pointwise convolutions, a channel multiplier,
   batch norm after a ReLU, global average pooling.
 """
@@ -22,7 +24,7 @@ import numpy as np
 
 from toolchain.core import ir
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.passes.convert import convert
+from toolchain.passes.convert import ConversionOptions, convert
 
 
 def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -117,6 +119,18 @@ def make_ann(seed: int = 0, variant: str = "basic") -> ir.Graph:
             ir.Flatten("flat", ["cat4"]),
             ir.Linear("fc", ["flat"], weight=_w(rng, 5, 52), bias=_b(rng, 5)),
         ]
+    elif variant == "maxpool":
+        shape = (2, 10, 10)
+        nodes = [
+            ir.Conv2d("conv1", ["x"], weight=_w(rng, 4, 2, 3, 3), bias=_b(rng, 4), padding=(1, 1, 1, 1)),
+            ir.Relu("act1", ["conv1"]),
+            ir.MaxPool2d("pool1", ["act1"]),
+            ir.Conv2d("conv2", ["pool1"], weight=_w(rng, 6, 4, 3, 3), bias=_b(rng, 6), padding=(1, 1, 1, 1)),
+            ir.Relu("act2", ["conv2"]),
+            ir.MaxPool2d("pool2", ["act2"], kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1)),
+            ir.Flatten("flat", ["pool2"]),
+            ir.Linear("fc", ["flat"], weight=_w(rng, 5, 54), bias=_b(rng, 5)),
+        ]
     elif variant == "depthwise":
         shape = (3, 8, 8)
         nodes = [
@@ -149,8 +163,8 @@ def make_inputs(graph: ir.Graph, count: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (count, *graph.input_shape)).astype(np.float32)
 
 
-def make_snn(seed: int = 0, variant: str = "basic", per_channel: bool = True) -> ir.Graph:
+def make_snn(seed: int = 0, variant: str = "basic", per_channel: bool = True, maxpool: str = "relu") -> ir.Graph:
     ann = make_ann(seed, variant)
     x = make_inputs(ann, 64, seed + 100)
     spec = ThresholdSpec("percentile", percentile=99.9, per_channel=per_channel)
-    return convert(ann, compute_thresholds(ann, spec, [x], len(x), "cpu"))
+    return convert(ann, compute_thresholds(ann, spec, [x], len(x), "cpu"), ConversionOptions(maxpool=maxpool))

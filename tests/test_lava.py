@@ -57,7 +57,7 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
 
 @pytest.mark.parametrize(
     "variant, samples, steps",
-    [("basic", 3, 12), ("odd", 2, 10), ("residual", 2, 10), ("concat", 2, 10), ("depthwise", 2, 10)],
+    [("basic", 3, 12), ("odd", 2, 10), ("residual", 2, 10), ("concat", 2, 10), ("depthwise", 2, 10), ("maxpool", 2, 10)],
 )
 @needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
@@ -189,3 +189,19 @@ def test_trained_mnist_cnn_is_spike_exact_in_lava():
     x = snn.network_input(data.x)
     report = validate(snn, x, 12)
     assert report.ok, report.summary()
+
+
+@needs_lava
+def test_resources_count_the_synapses_lava_builds():
+    """The resource report's synapse counts are the non-zeros of the connection matrices given to Lava."""
+    from targets.lava.runner import connection_matrix
+    from toolchain.report.resources import resources
+
+    for variant in ("odd", "residual", "concat", "maxpool"):
+        fixed = quantize(make_snn(0, variant), input_range=(0, 1))
+        report = resources(fixed, "loihi1")
+        for layer, row in zip(fixed.layers, report["layers"], strict=True):
+            matrices = [connection_matrix(syn, layer) for syn in layer.synapses]
+            assert row["synapses"] == sum(m.nnz for m in matrices), (variant, layer.name)
+            assert row["max_fan_in"] == int(sum(np.asarray((m != 0).sum(1)).reshape(-1) for m in matrices).max())
+        assert report["total"]["chips"] == 1 and not report["warnings"]

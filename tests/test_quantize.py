@@ -263,3 +263,24 @@ def test_quantize_module_needs_neither_torch_nor_lava_to_load():
         f"assert q.V_MAX == {V_MAX}"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_relu_maxpool_is_the_anns_max_and_lowers_to_conv_synapses():
+    """--maxpool relu: max(a, b) = b + relu(a - b) from IF neurons; exact in the ANN (the IF neurons'
+    ANN view), and a 2x2 pool followed by a conv composes into one conv synapse per source."""
+    from toolchain.core.interpreter import run_ann
+    from toolchain.passes.convert import ann_view
+
+    tree = make_snn(0, "maxpool", maxpool="relu")
+    spiking = make_snn(0, "maxpool", maxpool="spiking")
+    x = make_inputs(tree, 16)
+    np.testing.assert_allclose(run_ann(ann_view(tree), x), run_ann(ann_view(spiking), x), atol=1e-5)
+    relus = [n.name for n in tree.nodes if isinstance(n, ir.IFNeuron) and n.name.startswith("pool")]
+    assert len(relus) == 3 + 8  # a k-cell window takes k - 1 neurons: 2x2 and 3x3
+    fixed = quantize(tree, input_range=(0, 1))
+    act2 = fixed.layer("act2")
+    assert all(s.kind == "conv" for s in act2.synapses)
+    from_act1 = next(s for s in act2.synapses if s.source == "act1")  # a pooled cell through conv2: one conv
+    assert from_act1.weight.shape[2:] == (6, 6) and from_act1.stride == (2, 2)
+    first = fixed.layer("pool1/max0_0/relu")
+    assert len(first.synapses) == 1  # a - b from one source: one synapse, weights summed

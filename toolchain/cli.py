@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and channel on --calib data at --v0-T steps (best at low T)",
     )
     build.add_argument("--v0-T", dest="v0_steps", type=_count(1), default=16, help="time steps the optimal v0 search aims at")
-    build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
+    build.add_argument(
+        "--maxpool", default=None, choices=("spiking", "relu", "avg", "error"),  # passes.convert.MAXPOOL_POLICIES
+        help="max pooling in the SNN: spiking (float targets' default), relu (IF neurons, max(a,b) = b + relu(a-b); "
+        "the loihi/lava default), avg (changes the ANN) or error",
+    )
     build.add_argument("-T", "--steps", type=_count(1), default=32, help="time steps for fixed-point checks (lava target)")
     build.add_argument("--data", type=Path, help="test data for --validate and the accuracy summary")
     build.add_argument("--validate", type=_count(0), default=0, metavar="N", help="lava: compare N samples spike for spike")
@@ -187,6 +191,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                 f"  {row['layer']:<28} {row['synapse']:<12} threshold {row['threshold']:>5}  2^{row['weight_exp']:<3}"
                 f" weight error {100 * row['weight_rel_l2']:.2f} %  overflow-free for {row['safe_steps']} steps"
             )
+        from toolchain.report.resources import fit_lines
+
+        for line in fit_lines(result.log):
+            print(line)
     if args.data is None:
         return 0
     return _check_build(args, out, result, fixed, test, ann)

@@ -313,9 +313,91 @@ def _channel_map(ops: list[Any], channels: int) -> tuple[np.ndarray, np.ndarray,
     return index, scale, count
 
 
+def _compose(first: ir.Conv2d, second: ir.Conv2d, in_shape: Shape) -> ir.Conv2d | None:
+    """Two convolutions in a row as one (linear parts only), where that is exact: None when the
+    second one's zero padding would stand for input cells the first one reads (a first conv whose
+    windows overlap its padding or leave a remainder), or the first one dilates."""
+    if tuple(first.dilation) != (1, 1):
+        return None
+    c_in, h, w = in_shape
+    _, h1, w1 = first.shape
+    k1h, k1w = first.weight.shape[2:]
+    s1h, s1w = first.stride
+    t1, l1, b1, r1 = first.padding
+    if k1h - 1 - s1h - t1 >= 0 or k1w - 1 - s1w - l1 >= 0 or s1h * h1 - t1 < h or s1w * w1 - l1 < w:
+        return None
+    w1_full = _ungroup(np.asarray(first.weight, np.float64), first.groups)  # (mid, c_in, k1h, k1w)
+    w2_full = _ungroup(np.asarray(second.weight, np.float64), second.groups)  # (out, mid, k2h, k2w)
+    k2h, k2w = w2_full.shape[2:]
+    d2h, d2w = second.dilation
+    kh, kw = (k2h - 1) * d2h * s1h + k1h, (k2w - 1) * d2w * s1w + k1w
+    kernel = np.zeros((w2_full.shape[0], c_in, kh, kw))
+    for u in range(k2h):
+        for v in range(k2w):
+            tap = np.einsum("om,mcab->ocab", w2_full[:, :, u, v], w1_full)
+            kernel[:, :, s1h * d2h * u : s1h * d2h * u + k1h, s1w * d2w * v : s1w * d2w * v + k1w] += tap
+    t2, l2, _, _ = second.padding
+    top, left = s1h * t2 + t1, s1w * l2 + l1
+    stride = (s1h * second.stride[0], s1w * second.stride[1])
+    _, h2, w2 = second.shape
+    bottom = max(0, stride[0] * (h2 - 1) + kh - top - h)
+    right = max(0, stride[1] * (w2 - 1) + kw - left - w)
+    fused = ir.Conv2d(f"{first.name}+{second.name}", [], tuple(second.shape), weight=kernel, stride=stride,
+                      padding=(top, left, bottom, right))
+    return fused
+
+
+def _fuse_convs(ops: list[Any], in_shape: Shape) -> list[Any]:
+    """Consecutive convolutions on a path (per-channel affines between them folded into the first's
+    output channels) composed into one where exact (`_compose`), so the path stays a conv synapse."""
+    ops = list(ops)
+    shape = tuple(in_shape)
+    index = 0
+    while index < len(ops):
+        n = ops[index]
+        if isinstance(n, ir.Conv2d):
+            between = index + 1
+            while between < len(ops) and isinstance(ops[between], ir.ScaleShift):
+                between += 1
+            if between < len(ops) and isinstance(ops[between], ir.Conv2d):
+                first = n
+                scales = ops[index + 1 : between]
+                if scales:
+                    weight = np.asarray(n.weight, np.float64).copy()
+                    for a in scales:
+                        scale = np.broadcast_to(np.asarray(a.scale, np.float64).reshape(-1), (weight.shape[0],))
+                        weight *= scale[:, None, None, None]
+                    first = ir.Conv2d(n.name, n.inputs, n.shape, weight=weight, stride=n.stride, padding=n.padding,
+                                      dilation=n.dilation, groups=n.groups)
+                fused = _compose(first, ops[between], shape)
+                if fused is not None:
+                    ops[index : between + 1] = [fused]
+                    continue
+        shape = tuple(n.shape) if not isinstance(n, _Embed) else n.shape
+        index += 1
+    return ops
+
+
+def _merge_synapses(synapses: list[_Synapse]) -> list[_Synapse]:
+    """Synapses from one source with one geometry (the two cells of a max-pool's a - b, two paths
+    through the same shortcut) as one, their float weights summed: fewer connections, one rounding."""
+    merged: dict[tuple[Any, ...], _Synapse] = {}
+    for syn in synapses:
+        key = (syn.source, syn.synapse, syn.in_shape, syn.pool, syn.stride, syn.padding, syn.dilation, syn.groups,
+               syn.weight.shape)
+        if key in merged:
+            first = merged[key]
+            merged[key] = _Synapse(first.source, first.synapse, first.weight + syn.weight, first.in_shape, first.pool,
+                                   first.stride, first.padding, first.dilation, first.groups, first.nodes + syn.nodes)
+        else:
+            merged[key] = syn
+    return list(merged.values())
+
+
 def _lower_term(term: _Term, in_shape: Shape, max_entries: int, target: str) -> _Synapse:
     """The path's linear part as a conv or dense synapse acting on the sum-pooled source."""
     pool, rest = _split_pool(term.ops, in_shape)
+    rest = _fuse_convs(rest, _pool_shape(in_shape, pool))
     pooled = _pool_shape(in_shape, pool)
     area = pool[0] * pool[1]
     names = tuple(n.name for n in term.ops if not isinstance(n, _Embed))
@@ -514,6 +596,7 @@ def quantize(
         for term in population.terms:
             in_shape = tuple(graph.input_shape) if term.source is None else tuple(graph.node(term.source).shape)
             synapses.append(_lower_term(term, in_shape, max_dense_weights, target.name))
+        synapses = _merge_synapses(synapses)
         normalised = [_normalise(syn, in_theta[syn.source], theta, shape) for syn in synapses]
         raised = np.ones(1)
         if is_if and max_row_ratio:
