@@ -12,14 +12,14 @@ from typing import Any
 
 from targets import target_class
 from toolchain.core.fixed import has_fixed, load_fixed
-from toolchain.core.target import check_options
+from toolchain.core.target import Target, check_options
 from toolchain.passes.quantize import quantize
 
 # The keyword arguments of the quantise pass that a fixed-point target takes for a float SNN.
 QUANTIZE_OPTIONS = tuple(p for p in inspect.signature(quantize).parameters if p != "graph")
 
 
-def get_target(name: str, **options: Any) -> Any:
+def get_target(name: str, **options: Any) -> Target:
     """A backend by name with its options; unknown options are refused (`ToolchainError`). A
     fixed-point backend also takes the keywords of `quantize`: its `prepare` then accepts the
     float SNN and quantises it with them (unless `fixed`, a network quantised at build time, is given)."""
@@ -29,10 +29,11 @@ def get_target(name: str, **options: Any) -> Any:
         kept = {k: v for k, v in quantize_options.items() if v is not None}
         options["lower"] = functools.partial(quantize, **kept)
     check_options(cls, options)
-    return cls(**options)
+    target: Target = cls(**options)
+    return target
 
 
-def open_target(name: str, artifact: str | Path | None = None, device: str = "auto") -> Any:
+def open_target(name: str, artifact: str | Path | None = None, device: str = "auto") -> Target:
     """A backend ready to `prepare` an artifact's graph: fixed-point targets reuse the
     artifact's saved fixed-point network when the build wrote one, so what runs is
     exactly what was validated."""

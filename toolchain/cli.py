@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from targets import TARGETS
+from targets import TARGETS, target_class
 from toolchain.errors import InternalError, ToolchainError
 
 DEFAULT_STEPS = "1,2,4,8,16,32,64"
@@ -159,8 +159,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ToolchainError("--validate and --report run test samples: pass --data DATA")
     if args.validate and args.target != "lava":
         raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
-    if args.target == "lava":
-        import targets.lava  # noqa: F401  # fails early, with what to install, where Lava cannot run
+    target_class(args.target)  # fails early, with what to install, where the target cannot run (Lava)
     check_replaceable(args.out, GRAPH_FILE)  # before any work: -o must not name the user's own files
     # Read the test data, and open the ANN in onnxruntime, before anything is written: a bad --data
     # path or a model onnxruntime cannot run (an opset newer than it knows) must leave no artifact.
@@ -290,13 +289,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     graph, data = _load_artifact_and_data(args)
     with session(args.distributed or launched_by_torchrun(), args.device) as ranks:
         target = open_target(args.target, args.artifact, ranks.device)
-        target.prepare(graph)
-        ann_path = args.artifact / ANN_FILE
-        ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
-        result = ranks.combine(evaluate(
-            target, ranks.shard(data), graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
-            progress=False if args.json or not ranks.is_main else None, label=f"{args.target} T={max(steps)}",
-        ))  # fmt: skip
+        try:
+            target.prepare(graph)
+            ann_path = args.artifact / ANN_FILE
+            ann = OnnxReference(ann_path) if ann_path.is_file() and not args.no_ann else None
+            result = ranks.combine(evaluate(
+                target, ranks.shard(data), graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+                progress=False if args.json or not ranks.is_main else None, label=f"{args.target} T={max(steps)}",
+            ))  # fmt: skip
+        finally:
+            target.close()  # the Lava runtime holds OS processes
     if not ranks.is_main:
         return 0
     if args.json:

@@ -51,6 +51,11 @@ Two arithmetic paths give the same bits:
 
   Anything outside these bounds falls back to the int64 path. Spikes are float32 0/1
   tensors that feed the next synapse directly; 4-D populations are kept channels-last.
+
+This module spells the integer arithmetic out itself, on purpose, rather than calling the
+float interpreter (`toolchain.core.interpreter`): the tests hold its two paths equal bit for
+bit and Lava (`targets/lava/process/models.py`) equal to it spike for spike, comparisons that
+mean something only between independent implementations.
 """
 
 from __future__ import annotations

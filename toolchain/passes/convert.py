@@ -42,7 +42,7 @@ class ConversionOptions:
 def replace_maxpool(graph: ir.Graph, policy: str) -> ir.Graph:
     """Apply the max-pool policy to an ANN graph (returns a new graph when anything changes)."""
     if policy not in MAXPOOL_POLICIES:
-        raise ToolchainError(f"--maxpool {policy!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
+        raise ToolchainError(f"maxpool={policy!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
     pools = [n for n in graph.nodes if isinstance(n, ir.MaxPool2d)]
     if not pools or policy in ("spiking", "relu"):  # both keep the ANN's max-pool (convert builds the SNN's)
         return graph
@@ -66,7 +66,7 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
     """Build the SNN graph. `ann` must already have its max-pool policy applied."""
     options = options or ConversionOptions()
     if options.v0 not in V0_MODES:
-        raise ToolchainError(f"--v0 {options.v0!r}: choose one of {', '.join(V0_MODES)}")
+        raise ToolchainError(f"v0={options.v0!r}: choose one of {', '.join(V0_MODES)}")
     if ann.is_snn:
         raise ToolchainError("the graph is already an SNN")
     if options.maxpool not in MAXPOOL_POLICIES:

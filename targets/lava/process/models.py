@@ -1,5 +1,10 @@
 """ProcessModels of `IFReset` and `Accumulator`: `fixed_pt` (integers, bit-exact with
-`targets.loihi.emulator`) and `floating_pt` (the same rules in float64)."""
+`targets.loihi.emulator`) and `floating_pt` (the same rules in float64).
+
+The neuron update is written out here again on purpose: Lava runs these models, and
+`toolchain.validate` compares them spike for spike with the emulator, an independent
+implementation of the arithmetic in `toolchain.core.fixed`. Only the format's constants
+are shared."""
 
 from __future__ import annotations
 
@@ -12,8 +17,7 @@ from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
 from targets.lava.process.process import Accumulator, IFReset
-
-V_MAX = 2**23 - 1  # 24-bit signed membrane, saturating like Lava's LIF
+from toolchain.core.fixed import V_MAX  # 24-bit signed membrane, saturating like Lava's LIF
 
 
 def _in_window(phase: int, offset: np.ndarray, window: np.ndarray) -> bool:
