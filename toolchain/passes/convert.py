@@ -70,7 +70,7 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
     if ann.is_snn:
         raise ToolchainError("the graph is already an SNN")
     if options.maxpool not in MAXPOOL_POLICIES:
-        raise ToolchainError(f"--maxpool {options.maxpool!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
+        raise ToolchainError(f"maxpool={options.maxpool!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
     fraction = 0.0 if options.v0 == "zero" else 0.5
     nodes: list[ir.Node] = []
     for node in ann.nodes:
