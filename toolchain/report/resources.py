@@ -16,8 +16,11 @@ Cores under published per-core limits:
   brief gives no per-core axon limits; 8,192 neurons per core is the chip total over its cores.
 
 A population is split over enough cores that each core's share of neurons, synaptic memory
-and input axons fits (input axons: the distinct source neurons a core's neurons hear, at most
-the sources' total and at most its neurons times their largest fan-in). Synaptic memory is an
+and input axons fits. Input axons are the distinct source neurons a core's neurons hear,
+estimated with the neurons packed channels innermost (all channels of a pixel on one core):
+a conv synapse's tile of p x p pixels hears the (p s + (k - 1) d)^2 source pixels under it,
+all of its input channels; a dense synapse at most the core's neurons times their fan-in; and
+never more than the source has. Synaptic memory is an
 estimate: `SYNAPSE_BITS` per synapse (an 8-bit weight and about 8 bits of sparse index; the
 real encoding depends on the compiler's choice of dense, sparse or shared formats).
 Convolutional weight sharing, which Loihi 2 can exploit, is not assumed; output axons
@@ -86,6 +89,24 @@ def _fan(syn: FixedSynapse, layer: FixedLayer) -> tuple[np.ndarray, np.ndarray]:
     return fan_in, fan_out.reshape(-1)
 
 
+def _input_axons(layer: FixedLayer, neurons: int, max_fan_in: int) -> int:
+    """The distinct source neurons that `neurons` of the layer, packed channels innermost, hear (an estimate)."""
+    total = 0
+    for syn in layer.synapses:
+        source = int(math.prod(syn.in_shape))
+        if syn.kind == "conv" and len(layer.shape) == 3:
+            pixels = math.ceil(neurons / layer.shape[0])
+            side = math.isqrt(pixels - 1) + 1  # a square tile holding them
+            kh, kw = syn.weight.shape[2:]
+            rows = min(syn.pooled_shape[1], side * syn.stride[0] + (kh - 1) * syn.dilation[0])
+            cols = min(syn.pooled_shape[2], side * syn.stride[1] + (kw - 1) * syn.dilation[1])
+            heard = syn.pooled_shape[0] * rows * cols * syn.pool[0] * syn.pool[1]
+        else:
+            heard = neurons * max_fan_in
+        total += min(source, heard)
+    return total
+
+
 def resources(fixed: FixedGraph, chip: str = "loihi1") -> dict[str, Any]:
     """Per population and in total: neurons, synapses, memory, fan-in/out and cores on `chip`, with
     warnings where a population or the network exceeds a core or the chip."""
@@ -94,19 +115,17 @@ def resources(fixed: FixedGraph, chip: str = "loihi1") -> dict[str, Any]:
     rows = []
     for layer in fixed.layers:
         fan_in = np.zeros(layer.size)
-        source_neurons = 0
         for syn in layer.synapses:
             syn_in, syn_out = _fan(syn, layer)
             fan_in += syn_in
             fan_out[syn.source] = fan_out.get(syn.source, 0) + syn_out
-            source_neurons += int(math.prod(syn.in_shape))
         synapses = int(fan_in.sum())
         memory = synapses * SYNAPSE_BITS // 8
         max_fan_in = int(fan_in.max(initial=0))
         cores = max(1, math.ceil(layer.size / spec.neurons_per_core), math.ceil(memory / spec.synapse_bytes_per_core))
         if spec.input_axons_per_core is not None:
             limit = spec.input_axons_per_core
-            while cores < layer.size and min(source_neurons, math.ceil(layer.size / cores) * max_fan_in) > limit:
+            while cores < layer.size and _input_axons(layer, math.ceil(layer.size / cores), max_fan_in) > limit:
                 cores += 1
         rows.append({"layer": layer.name, "neurons": layer.size, "synapses": synapses, "synapse_bytes": memory,
                      "max_fan_in": max_fan_in, "cores": cores})
