@@ -36,7 +36,9 @@ Scheme
 * **Folding.** Along one path from a source: scale-shifts (per channel), channel
   placements of Concats, at most one leading non-overlapping average pool (kept as
   the sum-pool), then at most one conv ("conv" synapse; with a Concat on the path its
-  groups are expanded and its weights sliced or placed); any other linear chain
+  groups are expanded and its weights sliced or placed; two convolutions in a row, as
+  a max-pool's picked cell and the next conv, compose into one where that is exact);
+  synapses from one source with one geometry are merged; any other linear chain
   (flatten, linear maps, overlapping or padded pools, several convs) is probed into a
   "dense" matrix (up to `max_dense_weights` entries). Biases, shifts and the input
   offset are probed into a per-neuron bias by evaluating the float graph between the
