@@ -194,7 +194,7 @@ def _foreign_threshold(w: Path):
 
 
 def _foreign_fixed_weights(w: Path):
-    edit_json(w / "fixed" / "fixed_graph.json", lambda d: d["layers"][0].update(groups=2))
+    edit_json(w / "fixed" / "fixed_graph.json", lambda d: d["layers"][0]["synapses"][0].update(groups=2))
     reseal(w / "fixed")
     return ["eval", w / "fixed", "--target", "loihi", "--data", w / "data.npz"], ["fixed_graph.json", "layers[0]"]
 

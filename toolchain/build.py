@@ -26,6 +26,7 @@ from toolchain.evaluate import check_input_shape
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
 from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
 from toolchain.passes.quantize import quantize
+from toolchain.report.resources import CHIPS, resources
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class BuildOptions:
     per_channel: bool = False
     v0: str = "half"
     v0_steps: int = 16
-    maxpool: str = "spiking"
+    maxpool: str | None = None  # None: "relu" for fixed-point targets (no synapse holds a max), else "spiking"
     steps: int = 32  # T of the checks that follow a build (accuracy, Lava validation); kept in build.json
     scale: float | None = None
     mean: list[float] | None = None
@@ -69,6 +70,13 @@ class TargetMismatch(ToolchainError):
     """The converted network has a structure the chosen target cannot run (the quantiser refused it)."""
 
 
+def maxpool_policy(options: BuildOptions) -> str:
+    """The max-pool policy the build uses: the option, else the target's default."""
+    if options.maxpool is not None:
+        return options.maxpool
+    return "relu" if graph_kind(options.target) == "fixed" else "spiking"
+
+
 def build(options: BuildOptions) -> BuildResult:
     """The whole build: the SNN, and its fixed-point network where `options.target` runs one."""
     result = build_snn(options)
@@ -78,6 +86,8 @@ def build(options: BuildOptions) -> BuildResult:
         except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
             raise TargetMismatch(f"{options.model}: {exc}") from None
         result.log["fixed_point"] = result.fixed.report()
+        result.log["lava_timing"] = result.fixed.timing()
+        result.log["resources"] = {chip: resources(result.fixed, chip) for chip in CHIPS}
     return result
 
 
@@ -99,7 +109,7 @@ def load_ann(options: BuildOptions) -> ir.Graph:
     ann = load_onnx(options.model)
     ann.preprocess = apply_preprocess_overrides(ann.preprocess, options.scale, options.mean, options.std)
     check_preprocess_fits(ann.preprocess, ann.input_shape, str(options.model))
-    return replace_maxpool(ann, options.maxpool)
+    return replace_maxpool(ann, maxpool_policy(options))
 
 
 def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int, scale: float | None = None) -> list[np.ndarray]:
@@ -123,7 +133,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
         raise ToolchainError(f"{option('v0', 'optimal')} searches initial potentials on data: pass {option('calib', 'DATA')}")
     batches = calibration_batches(ann, data, options.batch_size, options.scale) if data is not None else None
     thresholds = compute_thresholds(ann, spec, batches, len(data) if data is not None else 0, options.device)
-    snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=options.maxpool))
+    snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=maxpool_policy(options)))
     chosen: dict[str, float] = {}
     if options.v0 == "optimal":
         assert batches is not None

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and channel on --calib data at --v0-T steps (best at low T)",
     )
     build.add_argument("--v0-T", dest="v0_steps", type=_count(1), default=16, help="time steps the optimal v0 search aims at")
-    build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
+    build.add_argument(
+        "--maxpool", default=None, choices=("spiking", "relu", "avg", "error"),  # passes.convert.MAXPOOL_POLICIES
+        help="max pooling in the SNN: spiking (float targets' default), relu (IF neurons, max(a,b) = b + relu(a-b); "
+        "the loihi/lava default), avg (changes the ANN) or error",
+    )
     build.add_argument(
         "-T", "--steps", type=_count(1), help=f"time steps for fixed-point checks (lava target; default {BUILD_STEPS})"
     )
@@ -223,6 +227,10 @@ def _print_build(args: argparse.Namespace, result: Any, fixed: Any) -> int:
                 f"  {row['layer']:<28} {row['synapse']:<12} threshold {row['threshold']:>5}  2^{row['weight_exp']:<3}"
                 f" weight error {100 * row['weight_rel_l2']:.2f} %  overflow-free for {row['safe_steps']} steps"
             )
+        from toolchain.report.resources import fit_lines
+
+        for line in fit_lines(result.log):
+            print(line)
     return 0
 
 

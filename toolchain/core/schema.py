@@ -71,9 +71,14 @@ def _allowed(annotation: Any) -> tuple[Any, bool]:
 def check_fields(
     path: Path, where: str, cls: type, record: Any, tensors: dict[str, np.ndarray], skip: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The record's fields, typed as `cls` declares them: tensors looked up, lists of ints as tuples."""
+    """The record's fields, typed as `cls` declares them: tensors looked up, lists of ints as tuples.
+    `skip` names keys the caller reads itself; any other key `cls` does not have is refused (a field
+    in the wrong place would otherwise be ignored without a word)."""
     if not isinstance(record, dict):
         fail(path, where, "expected an object")
+    unknown = set(record) - {f.name for f in dataclasses.fields(cls)} - set(skip)
+    if unknown:
+        fail(path, where, f"unknown fields {sorted(unknown)}")
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -176,7 +181,7 @@ def check_graph_document(path: Path, document: dict[str, Any], tensors: dict[str
             op = record.get("op") if isinstance(record, dict) else None
             fail(path, where, f"unknown node op {str(op)[:40]!r} (written by a newer toolchain?)")
         cls = ir.NODE_TYPES[record["op"]]
-        values = check_fields(path, where, cls, record, tensors)
+        values = check_fields(path, where, cls, record, tensors, skip=("op",))
         name = values["name"]
         if name in known:
             fail(path, where, f"duplicate name {name!r}")
@@ -266,7 +271,7 @@ def _node_problem(node: Any, inputs: list[tuple[int, ...]]) -> str | None:
 
 def check_fixed_document(path: Path, document: dict[str, Any], tensors: dict[str, np.ndarray]) -> Any:
     """fixed_graph.json + tensors -> a `FixedGraph`, or one error naming the file and the field."""
-    from toolchain.core.fixed import V_BITS, FixedGraph, FixedLayer
+    from toolchain.core.fixed import V_BITS, FixedGraph, FixedLayer, FixedSynapse
 
     if not isinstance(document.get("input_name"), str) or not isinstance(document.get("output"), str):
         fail(path, "input_name/output", "expected text")
@@ -289,18 +294,30 @@ def check_fixed_document(path: Path, document: dict[str, Any], tensors: dict[str
     names: dict[str, tuple[int, ...]] = {}
     for index, record in enumerate(layers_json):
         where = f"layers[{index}]"
-        values = check_fields(path, where, FixedLayer, record, tensors)
-        layer = FixedLayer(**values)
-        if layer.kind not in ("if", "readout") or layer.synapse not in ("conv", "dense"):
-            fail(path, where, f"kind {layer.kind!r} / synapse {layer.synapse!r} unknown")
-        source_shape = input_shape if layer.source is None else names.get(layer.source)
-        if source_shape is None:
-            fail(path, f"{where}.source", f"{layer.source!r} is not an earlier layer")
-        if tuple(layer.in_shape) != tuple(source_shape):
-            fail(path, f"{where}.in_shape", f"{layer.in_shape} but its source has shape {source_shape}")
+        values = check_fields(path, where, FixedLayer, record, tensors, skip=("synapses",))
+        records = record.get("synapses")
+        if not isinstance(records, list) or not records:
+            fail(path, f"{where}.synapses", "expected a non-empty list")
+        synapses = [
+            FixedSynapse(**check_fields(path, f"{where}.synapses[{k}]", FixedSynapse, item, tensors))
+            for k, item in enumerate(records)
+        ]
+        layer = FixedLayer(**values, synapses=synapses)
+        if layer.kind not in ("if", "readout"):
+            fail(path, where, f"kind {layer.kind!r} unknown")
         problem = _fixed_layer_problem(layer, v_bits)
         if problem:
             fail(path, where, problem)
+        for k, synapse in enumerate(layer.synapses):
+            here = f"{where}.synapses[{k}]"
+            source_shape = input_shape if synapse.source is None else names.get(synapse.source)
+            if source_shape is None:
+                fail(path, f"{here}.source", f"{synapse.source!r} is not an earlier layer")
+            if tuple(synapse.in_shape) != tuple(source_shape):
+                fail(path, f"{here}.in_shape", f"{synapse.in_shape} but its source has shape {source_shape}")
+            problem = _fixed_synapse_problem(synapse, layer.shape)
+            if problem:
+                fail(path, here, problem)
         names[layer.name] = tuple(layer.shape)
         layers.append(layer)
     if document["output"] not in names:
@@ -316,30 +333,41 @@ def check_fixed_document(path: Path, document: dict[str, Any], tensors: dict[str
 
 
 def _fixed_layer_problem(layer: Any, v_bits: int) -> str | None:
+    """What is wrong with a population's own fields (its synapses: `_fixed_synapse_problem`)."""
     limit = 2 ** (v_bits - 1)
-    if not layer.shape or not layer.in_shape:
+    if not layer.shape:
         return "empty shape"
-    if layer.weight.dtype.kind not in "iu" or (layer.weight.size and np.abs(layer.weight.astype(np.int64)).max() > 255):
-        return "weights must be 8-bit integer mantissas"
     if layer.bias_mant.dtype.kind not in "iu" or layer.v0.dtype.kind not in "iu":
         return "bias and v0 must be integers"
-    if not (-16 <= layer.weight_exp <= 16 and 0 <= layer.bias_exp <= 16):
-        return f"exponents {layer.weight_exp}, {layer.bias_exp} out of range"
+    if not 0 <= layer.bias_exp <= 16:
+        return f"bias exponent {layer.bias_exp} out of range"
     if not 0 <= layer.threshold < limit or (layer.kind == "if" and layer.threshold < 1):
         return f"threshold {layer.threshold} out of range"
     if layer.bias_mant.size not in (1, math.prod(layer.shape)) or layer.v0.size not in (1, math.prod(layer.shape)):
         return f"bias or v0 of {layer.bias_mant.size}/{layer.v0.size} values for a population of shape {layer.shape}"
-    channels = layer.shape[0]
-    c_in = layer.pooled_shape[0] if len(layer.in_shape) == 3 else None
-    w = layer.weight
-    if layer.synapse == "conv":
-        if (w.ndim != 4 or len(layer.shape) != 3 or c_in is None or w.shape[0] != channels
-                or layer.groups < 1 or w.shape[1] * layer.groups != c_in):
-            return f"conv weight {w.shape} does not fit {layer.in_shape} -> {layer.shape}"
-    elif w.ndim != 2 or w.shape != (math.prod(layer.shape), math.prod(layer.pooled_shape)):
-        return f"dense weight {w.shape} does not fit {layer.pooled_shape} -> {layer.shape}"
-    if min(layer.pool) < 1 or min(layer.stride) < 1 or min(layer.dilation) < 1:
-        return "pool, stride and dilation must be positive"
-    if np.asarray(layer.scale).size not in (1, channels) or not (np.asarray(layer.scale) > 0).all():
+    if np.asarray(layer.scale).size not in (1, layer.shape[0]) or not (np.asarray(layer.scale) > 0).all():
         return "scale must be positive, one value or one per channel"
+    return None
+
+
+def _fixed_synapse_problem(synapse: Any, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with one synapse into a population of `shape`."""
+    if synapse.kind not in ("conv", "dense"):
+        return f"synapse kind {synapse.kind!r} unknown"
+    if not synapse.in_shape:
+        return "empty input shape"
+    w = synapse.weight
+    if w.dtype.kind not in "iu" or (w.size and np.abs(w.astype(np.int64)).max() > 255):
+        return "weights must be 8-bit integer mantissas"
+    if not -16 <= synapse.weight_exp <= 16:
+        return f"weight exponent {synapse.weight_exp} out of range"
+    if min(synapse.pool) < 1 or min(synapse.stride) < 1 or min(synapse.dilation) < 1:
+        return "pool, stride and dilation must be positive"
+    c_in = synapse.pooled_shape[0] if len(synapse.in_shape) == 3 else None
+    if synapse.kind == "conv":
+        if (w.ndim != 4 or len(shape) != 3 or c_in is None or w.shape[0] != shape[0]
+                or synapse.groups < 1 or w.shape[1] * synapse.groups != c_in):
+            return f"conv weight {w.shape} does not fit {synapse.in_shape} -> {shape}"
+    elif w.ndim != 2 or w.shape != (math.prod(shape), math.prod(synapse.pooled_shape)):
+        return f"dense weight {w.shape} does not fit {synapse.pooled_shape} -> {shape}"
     return None
