@@ -244,8 +244,8 @@ def test_onecycle_schedule_rises_then_falls_to_zero():
     lrs = [lr_at(step, 100, 0.4, "onecycle", warmup=20) for step in range(101)]
     peak = lrs.index(max(lrs))
     assert peak == 19 and max(lrs) == pytest.approx(0.4) and lrs[0] == pytest.approx(0.02)
-    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
-    assert all(a > b for a, b in zip(lrs[peak + 1 : 100], lrs[peak + 2 : 101])) and lrs[100] == 0.0
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1], strict=True))
+    assert all(a > b for a, b in zip(lrs[peak + 1 : 100], lrs[peak + 2 : 101], strict=True)) and lrs[100] == 0.0
     assert lr_at(0, 100, 0.4) == pytest.approx(0.4) and lr_at(100, 100, 0.4) == pytest.approx(0.0)  # cosine
 
 
