@@ -23,7 +23,7 @@ from machine import write_results  # noqa: E402
 # Published CIFAR-10 results, VGG-16, in % (only the cells we checked against the papers' text).
 PUBLISHED = [
     {
-        "method": "OPI (Bu et al., AAAI 2022), theta/2-style optimal v0",
+        "method": "OPI (Bu et al., AAAI 2022), v0 = theta/2",
         "network": "VGG-16",
         "ann": None,  # the ANN accuracy of their table is not quoted here: see the note below the table
         "snn": {"16": 93.38},
