@@ -271,7 +271,7 @@ def test_fast_recipe_trains_deterministically_and_lowers_to_fixed_point(tmp_path
     """`--recipe fast` on real CIFAR-10 images: two runs give the same weights, the stem stays the
     frozen whitening, and the exported vgg_fast converts and lowers to Loihi synapses (conv only)."""
     from toolchain.build import BuildOptions, build_snn
-    from toolchain.quantize import quantize
+    from toolchain.passes.quantize import quantize
 
     train = load_dataset(shared_data("cifar10"), "train").subset(128)  # read once: the tarball is slow to decode
     data = tmp_path / "cifar128.npz"
@@ -299,8 +299,8 @@ def test_fast_recipe_trains_deterministically_and_lowers_to_fixed_point(tmp_path
     built = build_snn(BuildOptions(model=tmp_path / "a" / "model.onnx", calib=data, calib_size=32, v0="half",
                                    device="cpu"))  # fmt: skip
     fixed = quantize(built.snn)
-    synapses = [layer.synapse for layer in fixed.layers]
-    assert synapses == ["conv"] * 7 + ["dense"]  # 7 convs; the readout: global pool + linear
+    synapses = [[s.kind for s in layer.synapses] for layer in fixed.layers]
+    assert synapses == [["conv"]] * 7 + [["dense"]]  # 7 convs, one synapse each; the readout: global pool + linear
 
 
 def test_train_cli_missing_data_is_one_clear_line(tmp_path):
