@@ -7,6 +7,10 @@ and `toolchain.evaluate` code the CLI uses. Writes JSON and Markdown.
 
     python bench/accuracy_latency.py --model models/zoo/fmnist_vgg_clip.onnx \
         --data ../shared/data/fashion-mnist --out bench/results/fmnist_vgg_clip
+
+With `--v0-T each` the optimal v0 is fitted anew at every T reported (one build and one run
+of T steps per T, as `toolchain build --v0 optimal --v0-T T -T T` does), instead of once at
+one T for all of them; that costs sum(T) steps per sample instead of max(T).
 """
 
 from __future__ import annotations
@@ -49,14 +53,19 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     ann_accuracy = None
     reference = OnnxReference(args.model)
+    per_t = args.v0_steps == "each"
     for threshold in THRESHOLDS:
         if threshold == "ceiling" and not has_ceilings:
             continue
         for v0 in V0_MODES:
             if args.methods and f"{threshold}/{v0}" not in args.methods:
                 continue
+            if per_t and v0 == "optimal":
+                rows.append(run_fitted_each(args, threshold, test, calib, steps, reference))
+                ann_accuracy = rows[-1]["ann_accuracy"]
+                continue
             options = BuildOptions(
-                model=args.model, calib=calib, threshold=threshold, v0=v0, v0_steps=args.v0_steps,
+                model=args.model, calib=calib, threshold=threshold, v0=v0, v0_steps=8 if per_t else args.v0_steps,
                 maxpool=args.maxpool, device=args.device, calib_size=args.calib_size,
             )
             started = time.perf_counter()
@@ -104,9 +113,48 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def run_fitted_each(args: argparse.Namespace, threshold: str, test, calib, steps: list[int], reference) -> dict:
+    """One row for `threshold/optimal` with v0 fitted at each T and the SNN run for exactly T steps."""
+    started = time.perf_counter()
+    row: dict = {"threshold": threshold, "v0": "optimal", "v0_fit": "each T", "samples": len(test), "snn_accuracy": {},
+                 "agreement_with_ann": {}, "v0_fraction": {}}  # fmt: skip
+    for t in steps:
+        options = BuildOptions(model=args.model, calib=calib, threshold=threshold, v0="optimal", v0_steps=t,
+                               maxpool=args.maxpool, device=args.device, calib_size=args.calib_size)  # fmt: skip
+        built = build_snn(options)
+        target = get_target("torch", device=args.device)
+        target.prepare(built.snn)
+        result = evaluate(target, test, built.snn.preprocess, built.snn.input_shape, [t], args.batch_size, reference,
+                          progress=None, label=f"{threshold}/optimal@T={t}")  # fmt: skip
+        row["ann_accuracy"] = result.ann_accuracy()
+        row["snn_accuracy"][str(t)] = result.snn_accuracy()[t]
+        row["agreement_with_ann"][str(t)] = result.agreement[t] / result.samples
+        row["v0_fraction"][str(t)] = built.snn.meta["conversion"].get("v0_fraction", {})
+        row["v0_samples"] = built.snn.meta["conversion"].get("v0_samples")
+        print(f"{threshold:>8} optimal@T={t:<3} {result.samples:>6} {100 * result.snn_accuracy()[t]:6.2f}", flush=True)
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
 def _v0_samples(result: dict) -> int:
     counts = [row["v0_samples"] for row in result["rows"] if row.get("v0_samples")]
     return max(counts) if counts else min(V0_MAX_SAMPLES, result.get("calib_size", 1000))
+
+
+def _v0_fit(result: dict) -> str:
+    return "at each T reported (one build per T)" if result.get("v0_steps") == "each" else f"at T={result.get('v0_steps', 8)}"
+
+
+def _v0_steps(value: str) -> int | str:
+    if value == "each":
+        return value
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"--v0-T {value!r}: give a number of steps >= 1 or 'each'")
+    return steps
 
 
 def markdown(result: dict) -> str:
@@ -121,7 +169,7 @@ def markdown(result: dict) -> str:
         f"machine: {result['machine']['device']}, torch {result['machine']['torch']}, {result['date']}. "
         f"Thresholds come from {result.get('calib_size', 1000)} training images"
         + (
-            f"; v0 `optimal` is fitted at T={result.get('v0_steps', 8)} on the first {_v0_samples(result)} of them."
+            f"; v0 `optimal` is fitted {_v0_fit(result)} on the first {_v0_samples(result)} of them."
             if any(row["v0"] == "optimal" for row in result["rows"])
             else "."
         ),
@@ -152,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         "or p99.99/half and p99.99/optimal for a model without ceilings)",
     )
     parser.add_argument("--maxpool", default="spiking")
-    parser.add_argument("--v0-T", dest="v0_steps", type=int, default=8)
+    parser.add_argument(
+        "--v0-T", dest="v0_steps", type=_v0_steps, default=8,
+        help="T the optimal v0 is fitted at (default 8), or 'each': fitted anew at every T reported",
+    )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

@@ -45,6 +45,8 @@ MODELS = {
     "fmnist_vgg_clip": (ROOT / "models" / "zoo" / "fmnist_vgg_clip.onnx", SHARED / "fashion-mnist"),
     "fmnist_vgg_qcfs8": (ROOT / "models" / "zoo" / "fmnist_vgg_qcfs8.onnx", SHARED / "fashion-mnist"),
     "cifar10_vgg_clip": (ROOT / "models" / "zoo" / "cifar10_vgg_clip.onnx", SHARED / "cifar10"),
+    "cifar10_fast_clip": (ROOT / "models" / "zoo" / "cifar10_fast_clip.onnx", SHARED / "cifar10"),
+    "cifar10_fast_qcfs4": (ROOT / "models" / "zoo" / "cifar10_fast_qcfs4.onnx", SHARED / "cifar10"),
 }
 
 

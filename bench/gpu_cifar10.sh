@@ -12,7 +12,9 @@
 # with the wheels (both git-ignored): cp -r ../shared/data/cifar10 .cifar10, then run
 # `bash bench/gpu_cifar10.sh .cifar10` with carry [".whl", ".cifar10"] (about 27 MB).
 #
-# Environment: PYTHON (default python3), TRAIN_SECONDS (default 330), EPOCHS (at most; default 60).
+# Environment: PYTHON (default python3), TRAIN_SECONDS (per model, default 330), EPOCHS (at most; default 60),
+# ARCHS (default "vgg16"; e.g. "vgg16 resnet20 vgg_fast": ResNet-20 converts for the torch target only,
+# its residual Add does not lower to fixed point; each extra model adds about TRAIN_SECONDS + 2 minutes).
 # Everything printed goes to bench/results/gpu_cifar10_<time>.log as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ DATA="${1:-../shared/data/cifar10}"
 PYTHON="${PYTHON:-python3}"
 TRAIN_SECONDS="${TRAIN_SECONDS:-330}"
 EPOCHS="${EPOCHS:-60}"
+ARCHS="${ARCHS:-vgg16}"
 RUN=bench/results/cifar10_vgg16_train
 mkdir -p bench/results
 LOG="bench/results/gpu_cifar10_$(date +%Y%m%d-%H%M%S).log"
@@ -48,14 +51,23 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {torch.cuda.
 PY
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 
-stamp "training vgg16 (clip) on CIFAR-10: at most $EPOCHS epochs within ${TRAIN_SECONDS}s"
-"$PYTHON" -m models.train --arch vgg16 --dataset cifar10 --data "$DATA" --act clip \
-    --epochs "$EPOCHS" --time-budget "$TRAIN_SECONDS" --batch-size 256 --optimizer sgd --lr 0.1 \
-    --weight-decay 5e-4 --device cuda --threads 8 --seed 0 --out "$RUN"
-stamp "training done"
-cat "$RUN/result.json"
+for arch in $ARCHS; do
+    run="bench/results/cifar10_${arch}_train"
+    [ "$arch" = vgg16 ] && run="$RUN"
+    stamp "training $arch (clip) on CIFAR-10: at most $EPOCHS epochs within ${TRAIN_SECONDS}s"
+    if [ "$arch" = vgg_fast ]; then  # the CPU recipe at GPU width (64: 64-128-256 blocks)
+        "$PYTHON" -m models.train --arch vgg_fast --width 64 --recipe fast --dataset cifar10 --data "$DATA" --act clip \
+            --epochs "$EPOCHS" --time-budget "$TRAIN_SECONDS" --device cuda --threads 8 --seed 0 --out "$run"
+    else
+        "$PYTHON" -m models.train --arch "$arch" --dataset cifar10 --data "$DATA" --act clip \
+            --epochs "$EPOCHS" --time-budget "$TRAIN_SECONDS" --batch-size 256 --optimizer sgd --lr 0.1 \
+            --weight-decay 5e-4 --device cuda --threads 8 --seed 0 --out "$run"
+    fi
+    stamp "training $arch done"
+    cat "$run/result.json"
 
-stamp "accuracy vs latency of the converted SNN"
-"$PYTHON" bench/accuracy_latency.py --model "$RUN/model.onnx" --data "$DATA" --out bench/results/cifar10_vgg16 \
-    --other-limit 2000
+    stamp "accuracy vs latency of the converted SNN ($arch)"
+    "$PYTHON" bench/accuracy_latency.py --model "$run/model.onnx" --data "$DATA" --out "bench/results/cifar10_$arch" \
+        --other-limit 2000
+done
 stamp "gpu_cifar10 finished in ${SECONDS}s; log: $LOG"

@@ -20,8 +20,9 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     from models.arch import ARCHS
     from models.layers import ACTIVATIONS
+    from toolchain.options import OneLineParser
 
-    parser = argparse.ArgumentParser(prog="toolchain export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="toolchain export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", required=True, help="checkpoint (models.train model.pt) or a state_dict file")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="architecture (taken from the checkpoint if there)")
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--std", type=float, nargs="+", help="per-channel std after scaling")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--check-data", help="dataset path whose first test images join the onnxruntime check")
+    parser.add_argument("--force", action="store_true", help="overwrite --out even if it is not an ONNX file of ours")
     return parser
 
 
@@ -47,16 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     from models.train import CHECKPOINT_FORMAT
 
     def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
+    from toolchain.errors import ToolchainError
+    from toolchain.fileio import check_file_replaceable
+    from toolchain.options import check_export_opset
+
+    try:  # the options and --out before the weights are read: nothing of the user's is replaced
+        check_export_opset(args.opset)
+        check_file_replaceable(Path(args.out), is_our_onnx(Path(args.out)), args.force, "--out")
+    except ToolchainError as exc:
+        return fail(str(exc))
     path = Path(args.weights)
     if not path.is_file():
         return fail(f"{path}: no such weights file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        return fail(f"{path}: cannot read torch weights ({exc})")
+        return fail(f"{path}: cannot read torch weights ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
     config: dict = {}
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         config, state = dict(ckpt["config"]), ckpt["state_dict"]
@@ -99,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     check = None
     if args.check_data:
         from toolchain.data import load_dataset
-        from toolchain.errors import ToolchainError
 
         try:
             check = load_dataset(args.check_data, "test").x[:64]
@@ -116,10 +126,25 @@ def main(argv: list[str] | None = None) -> int:
             levels=levels,
             check_inputs=check,
         )
-    except (ExportError, ValueError) as exc:
+    except (ExportError, ValueError, ToolchainError) as exc:
         return fail(str(exc))
+    except OSError as exc:
+        return fail(f"{args.out}: cannot write ({exc.strerror or exc})")
     print(f"wrote {args.out} ({arch}, {act}{f' L={levels}' if act == 'qcfs' else ''}, max abs diff {diff:.3g})")
     return 0
+
+
+def is_our_onnx(path: Path) -> bool:
+    """An ONNX file this exporter wrote (it records the preprocessing in the metadata)."""
+    if not path.is_file():
+        return False
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    return any(prop.key == "toolchain.preprocess" for prop in model.metadata_props)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from models.layers import make_act
 Act = Callable[[], nn.Module]
 
 # default input side for each architecture
-DEFAULT_INPUT_SIZE = {"cnn_small": 28, "vgg_small": 28, "vgg16": 32, "resnet20": 32, "resnet18": 32}
+DEFAULT_INPUT_SIZE = {"cnn_small": 28, "vgg_small": 28, "vgg_fast": 32, "vgg16": 32, "resnet20": 32, "resnet18": 32}
 
 
 def cnn_small(in_channels: int = 1, num_classes: int = 10, act: Act | None = None, input_size: int = 28) -> nn.Module:
@@ -54,6 +54,26 @@ def vgg_small(
     layers += _conv_bn(2 * w, 4 * w, act) + [nn.AvgPool2d(2)]
     side = input_size // 8
     layers += [nn.Flatten(), nn.Linear(4 * w * side * side, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def vgg_fast(
+    in_channels: int = 3, num_classes: int = 10, act: Act | None = None, input_size: int = 32, width: int = 48
+) -> nn.Module:
+    """The fast-training CIFAR network of `--recipe fast`, in the shape of Jordan's airbench (2024) but
+    made of what converts: a stem of w/2 channels (3x3; `--recipe fast` sets it to frozen patch
+    whitening), then three blocks (w, 2w, 4w) of conv-BN-act, 2x2 average pooling, conv-BN-act, and
+    global average pooling into one linear layer. No max pooling, no residual Add: every layer
+    lowers to a Loihi synapse. Width 48 is about 48 M multiply-accumulates per 32x32 image."""
+    act = act or make_act("clip")
+    stem = max(1, width // 2)
+    layers: list[nn.Module] = _conv_bn(in_channels, stem, act)
+    channels = stem
+    for block_width in (width, 2 * width, 4 * width):
+        layers += _conv_bn(channels, block_width, act) + [nn.AvgPool2d(2)] + _conv_bn(block_width, block_width, act)
+        channels = block_width
+    side = input_size // 8
+    layers += [nn.AvgPool2d(side), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -141,13 +161,14 @@ def resnet18(in_channels: int = 3, num_classes: int = 10, act: Act | None = None
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "cnn_small": cnn_small,
     "vgg_small": vgg_small,
+    "vgg_fast": vgg_fast,
     "vgg16": vgg16,
     "resnet20": resnet20,
     "resnet18": resnet18,
 }
 
 
-WIDTH_ARCHS = ("vgg_small",)  # architectures with a width (base channel count) option
+WIDTH_ARCHS = ("vgg_small", "vgg_fast")  # architectures with a width (base channel count) option
 
 
 def build(
@@ -158,7 +179,7 @@ def build(
     input_size: int | None = None,
     width: int | None = None,
 ) -> nn.Module:
-    """Build a registered architecture by name (`width` only for vgg_small; default 32)."""
+    """Build a registered architecture by name (`width` only for vgg_small (default 32) and vgg_fast (48))."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     size = input_size or DEFAULT_INPUT_SIZE[arch]

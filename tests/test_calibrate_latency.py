@@ -52,12 +52,12 @@ def test_method_parsing():
     assert parse_methods("v0,threshold") == ("threshold", "v0")  # always applied in METHODS order
     assert set(parse_methods(",".join(METHODS))) == set(METHODS)
     for bad in ("", "thresholds", "bias,weights"):
-        with pytest.raises(ToolchainError, match="--calibrate"):
+        with pytest.raises(ToolchainError, match="calibrate="):
             parse_methods(bad)
 
 
 def test_named_methods_need_data():
-    with pytest.raises(ToolchainError, match="--calib DATA"):
+    with pytest.raises(ToolchainError, match="calib=DATA"):
         build_snn(BuildOptions(model=LENET, calibrate="bias", device="cpu"))
 
 

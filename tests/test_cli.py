@@ -212,10 +212,12 @@ def test_thresholds_from_data_need_calibration_data(tmp_path):
 
 
 def test_a_model_the_fixed_point_targets_cannot_lower_is_named_with_the_fix(tmp_path):
+    """The spiking max-pool has no Loihi synapse (the loihi/lava default is --maxpool relu)."""
     model = ROOT / "models" / "zoo" / "thirdparty_lenet_relu_maxpool_fmnist.onnx"
     out = tmp_path / "o"
-    result = toolchain("build", model, "--target", "loihi", "--calib", CALIB, "--calib-size", "64", "-o", out)
-    assert_clean_failure(result, str(model), "max-pool", "--maxpool avg")
+    result = toolchain("build", model, "--target", "loihi", "--maxpool", "spiking", "--calib", CALIB,
+                       "--calib-size", "64", "-o", out)
+    assert_clean_failure(result, str(model), "max-pool", "--maxpool relu", "--maxpool avg")
     assert not out.exists()
 
 

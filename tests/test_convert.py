@@ -90,7 +90,7 @@ def test_threshold_spec_parsing():
 def test_ceiling_thresholds_need_ceilings():
     with pytest.raises(ToolchainError, match="no trained ceiling"):
         compute_thresholds(make_ann(ceiling=None), ThresholdSpec("ceiling"))
-    with pytest.raises(ToolchainError, match="--calib"):
+    with pytest.raises(ToolchainError, match="calib=DATA"):
         compute_thresholds(make_ann(ceiling=None), ThresholdSpec("auto"))
 
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,10 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
     assert len(lines) == 1 and "pip install lava-nc==0.10.0" in lines[0] and "3.10" in lines[0], out
 
 
-@pytest.mark.parametrize("variant, samples, steps", [("basic", 3, 12), ("odd", 2, 10)])
+@pytest.mark.parametrize(
+    "variant, samples, steps",
+    [("basic", 3, 12), ("odd", 2, 10), ("residual", 2, 10), ("concat", 2, 10), ("depthwise", 2, 10), ("maxpool", 2, 10)],
+)
 @needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
     from toolchain.validate import validate
@@ -185,4 +189,68 @@ def test_trained_mnist_cnn_is_spike_exact_in_lava():
     data = load_dataset(MNIST, "test").subset(2)
     x = snn.network_input(data.x)
     report = validate(snn, x, 12)
+    assert report.ok, report.summary()
+
+
+@needs_lava
+def test_resources_count_the_synapses_lava_builds():
+    """The resource report's synapse counts are the non-zeros of the connection matrices given to Lava."""
+    from targets.lava.runner import connection_matrix
+    from toolchain.report.resources import resources
+
+    for variant in ("odd", "residual", "concat", "maxpool"):
+        fixed = quantize(make_snn(0, variant), input_range=(0, 1))
+        report = resources(fixed, "loihi1")
+        for layer, row in zip(fixed.layers, report["layers"], strict=True):
+            matrices = [connection_matrix(syn, layer) for syn in layer.synapses]
+            assert row["synapses"] == sum(m.nnz for m in matrices), (variant, layer.name)
+            assert row["max_fan_in"] == int(sum(np.asarray((m != 0).sum(1)).reshape(-1) for m in matrices).max())
+        assert report["total"]["chips"] == 1 and not report["warnings"]
+
+
+@needs_lava
+def test_a_torch_model_with_every_branch_kind_builds_for_lava_and_validates(tmp_path):
+    """From torch.onnx.export to Lava: F.relu residual Add, torch.cat, a depthwise conv, BN after a ReLU
+    and a max-pool, through `build` (target lava: --maxpool relu by default), spike for spike."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from toolchain.build import BuildOptions, build
+    from toolchain.validate import validate
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = F.relu(self.conv1(x))
+            b = F.relu(self.conv2(a) + a)
+            c = self.bn(F.relu(self.dw(torch.cat([a, b], 1))))
+            return self.fc(torch.flatten(F.max_pool2d(F.relu(c), 2), 1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    model = tmp_path / "net.onnx"
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, (torch.zeros(1, 1, 12, 12),), str(model), dynamo=False)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.integers(0, 256, (64, 1, 12, 12)).astype(np.uint8), y=rng.integers(0, 3, 64))
+    result = build(BuildOptions(model=model, target="lava", calib=data, device="cpu"))
+    fixed = result.fixed
+    assert fixed is not None and result.snn.meta["conversion"]["maxpool"] == "relu"
+    assert max(len(layer.synapses) for layer in fixed.layers) > 1 and result.log["lava_timing"]["delayed_synapses"] > 0
+    assert result.log["resources"]["loihi1"]["total"]["neurons"] == sum(layer.size for layer in fixed.layers)
+    x = result.snn.network_input(np.load(data)["x"][:2])
+    report = validate(fixed, x, 12)
     assert report.ok, report.summary()

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import DEFAULT_MODEL, ROOT
 
 # What each layer may import from this project (third-party packages are not restricted here).
-BASE = ("toolchain.errors", "toolchain.fileio")
+BASE = ("toolchain.errors", "toolchain.fileio", "toolchain.manifest")
 ALLOWED = {
     "toolchain/core": ("toolchain.core", *BASE),
     "toolchain/passes": ("toolchain.core", "toolchain.passes", *BASE),

@@ -14,7 +14,7 @@ import torch
 from targets.loihi.emulator import LoihiTarget
 from tests.fixed_point_graphs import make_inputs, make_snn
 from toolchain.backends import get_target
-from toolchain.core.fixed import V_MAX, FixedGraph, FixedLayer, encode_input
+from toolchain.core.fixed import V_MAX, FixedGraph, FixedSynapse, encode_input
 from toolchain.errors import ToolchainError
 from toolchain.passes.quantize import quantize
 
@@ -29,7 +29,7 @@ MNIST = ROOT / "models" / "data" / "mnist"
 # ------------------------------------------------------------ numpy reference
 
 
-def _ref_synapse(layer: FixedLayer, s: np.ndarray) -> np.ndarray:
+def _ref_synapse(layer: FixedSynapse, shape: tuple[int, ...], s: np.ndarray) -> np.ndarray:
     """sum(q * s) for one step, (B, *in_shape) int64 -> (B, *shape) int64, with explicit loops over taps."""
     batch = s.shape[0]
     if layer.pool != (1, 1):
@@ -38,12 +38,12 @@ def _ref_synapse(layer: FixedLayer, s: np.ndarray) -> np.ndarray:
         hp, wp = h // ph, w // pw
         s = s[:, :, : hp * ph, : wp * pw].reshape(batch, c, hp, ph, wp, pw).sum((3, 5))
     q = layer.weight.astype(np.int64)
-    if layer.synapse == "dense":
-        return (s.reshape(batch, -1) @ q.T).reshape((batch, *layer.shape))
+    if layer.kind == "dense":
+        return (s.reshape(batch, -1) @ q.T).reshape((batch, *shape))
     top, left, bottom, right = layer.padding
     x = np.pad(s, ((0, 0), (0, 0), (top, bottom), (left, right)))
     c_out, c_in_group, kh, kw = q.shape
-    _, ho, wo = layer.shape
+    _, ho, wo = shape
     sh, sw = layer.stride
     dh, dw = layer.dilation
     groups = layer.groups
@@ -69,8 +69,10 @@ def reference(fixed: FixedGraph, x_u: np.ndarray, steps: int) -> tuple[dict[str,
     for t in range(steps):
         outputs: dict[str | None, np.ndarray] = {None: x_u.astype(np.int64)}
         for layer in fixed.layers:
-            a = _ref_synapse(layer, outputs[layer.source])
-            a = np.left_shift(a, layer.weight_exp) if layer.weight_exp >= 0 else np.right_shift(a, -layer.weight_exp)
+            a = np.zeros((batch, *layer.shape), np.int64)
+            for syn in layer.synapses:
+                a_k = _ref_synapse(syn, layer.shape, outputs[syn.source])
+                a += np.left_shift(a_k, syn.weight_exp) if syn.weight_exp >= 0 else np.right_shift(a_k, -syn.weight_exp)
             v = state[layer.name] + a + (layer.bias_mant.astype(np.int64) << layer.bias_exp)
             overflows[layer.name] += int(((v > V_MAX) | (v < -V_MAX)).sum())
             v = np.clip(v, -V_MAX, V_MAX)
@@ -90,7 +92,10 @@ def _quiet_calibration(caplog):
     caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
-@pytest.mark.parametrize("variant", ["basic", "odd"])
+DAG_VARIANTS = ["residual", "concat", "depthwise", "maxpool"]
+
+
+@pytest.mark.parametrize("variant", ["basic", "odd", *DAG_VARIANTS])
 def test_emulator_is_bit_exact_with_the_numpy_reference(variant):
     snn = make_snn(0, variant)
     fixed = quantize(snn, input_range=(0, 1))
@@ -134,7 +139,8 @@ def test_overflow_raises_naming_the_layer_or_saturates_like_the_reference():
 def test_fixed_point_predictions_are_close_to_the_float_snn():
     steps = 32
     agreements, errors = [], []
-    for variant, seed in (("basic", 0), ("basic", 2), ("odd", 0)):
+    nets = (("basic", 0), ("basic", 2), ("odd", 0), ("residual", 0), ("concat", 1), ("depthwise", 0), ("maxpool", 0))
+    for variant, seed in nets:
         snn = make_snn(seed, variant)
         x = make_inputs(snn, 48)
         floating = torch_target(device="cpu")
@@ -245,7 +251,7 @@ FAST_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["basic", "odd"])
+@pytest.mark.parametrize("variant", ["basic", "odd", *DAG_VARIANTS])
 @pytest.mark.parametrize("options, steps, uses", FAST_CASES)
 def test_fast_path_equals_the_int64_path_bit_for_bit(variant, options, steps, uses):
     """Random nets (analog graded input into the first layer, pools, strides, groups, dilation, asymmetric
@@ -259,7 +265,7 @@ def test_fast_path_equals_the_int64_path_bit_for_bit(variant, options, steps, us
         fast.prepare(fixed)
         exact.prepare(fixed)
         assert exact.emulator.plans is None and fast.emulator.plans is not None
-        if seed == 0:
+        if seed == 0 and variant not in DAG_VARIANTS:  # the cases were chosen for these two nets
             assert any(uses.items() <= row.items() for row in fast.emulator.describe(steps)), fast.emulator.describe(steps)
         _assert_same_recording(fast.run_recorded(x, steps), exact.run_recorded(x, steps))
         a, b = fast.run(x, steps), exact.run(x, steps)
@@ -307,7 +313,7 @@ def test_membrane_bound_is_sound():
         v0 = sorted(int(v) for v in rng.integers(-(2**20), 2**20, 2))
         kind = "if" if rng.random() < 0.8 else "readout"
         layer = SimpleNamespace(kind=kind, threshold=theta if kind == "if" else 0)
-        bounds = _Bounds(0, 0, u_low, u_high, v0[0], v0[1])
+        bounds = _Bounds([0], [0], 0, u_low, u_high, v0[0], v0[1])
         sequences = [np.full(64, u_high), np.full(64, u_low), rng.integers(u_low, u_high + 1, 64)]
         sequences.append(np.where(np.arange(64) % 2 == 0, u_high, u_low))
         for start in v0:

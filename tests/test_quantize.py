@@ -41,7 +41,8 @@ def _quiet_calibration(caplog):
 
 
 def _dequantised(layer) -> np.ndarray:
-    return layer.weight.astype(np.float64) * 2.0**layer.weight_exp / layer.threshold
+    (syn,) = layer.synapses
+    return syn.weight.astype(np.float64) * 2.0**syn.weight_exp / layer.threshold
 
 
 def test_per_channel_thresholds_fold_into_the_weights():
@@ -53,15 +54,16 @@ def test_per_channel_thresholds_fold_into_the_weights():
         assert isinstance(layer.threshold, int) and 2**10 <= layer.threshold < 2**11  # one integer per population
     # conv2 sees act1 through a 2x2 average pool: w * theta_act1[in] / theta_act2[out] / 4, within half an LSB
     layer = fixed.layer("act2")
-    assert layer.pool == (2, 2) and layer.synapse == "conv"
+    (syn,) = layer.synapses
+    assert syn.pool == (2, 2) and syn.kind == "conv" and syn.source == "act1"
     conv2 = snn.node("conv2").weight.astype(np.float64)
     expected = conv2 * theta["act1"][None, :, None, None] / theta["act2"][:, None, None, None] / 4
-    lsb = 2.0**layer.weight_exp / layer.threshold
+    lsb = 2.0**syn.weight_exp / layer.threshold
     assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * lsb + 1e-12
     # the first layer: the input's step (1/255 of the range) plays the source threshold
     layer = fixed.layer("act1")
     expected = snn.node("conv1").weight.astype(np.float64) / 255 / theta["act1"][:, None, None, None]
-    assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * 2.0**layer.weight_exp / layer.threshold + 1e-12
+    assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * 2.0**layer.synapses[0].weight_exp / layer.threshold + 1e-12
     # v0 = theta / 2 in every channel becomes half the integer threshold
     assert np.abs(fixed.layer("act3").v0 - fixed.layer("act3").threshold / 2).max() <= 0.5
     # readout: float value = accumulator * scale
@@ -86,11 +88,11 @@ def test_channels_with_tiny_thresholds_are_raised_and_compensated():
     theta2 = act2.scale * act2.threshold
     conv2 = snn.node("conv2").weight.astype(np.float64)
     expected = conv2 * raised[None, :, None, None] / theta2[:, None, None, None] / 4
-    assert np.abs(_dequantised(act2) - expected).max() <= 0.5 * 2.0**act2.weight_exp / act2.threshold + 1e-12
+    assert np.abs(_dequantised(act2) - expected).max() <= 0.5 * 2.0**act2.synapses[0].weight_exp / act2.threshold + 1e-12
     # the other channels keep their resolution: without balancing they would be left a few levels
     plain = quantize(snn, input_range=(0, 1), max_row_ratio=None).layer("act1")
     others = [c for c in range(4) if c != 2]
-    assert np.abs(layer.weight[others]).max() > 2 * np.abs(plain.weight[others]).max()
+    assert np.abs(layer.synapses[0].weight[others]).max() > 2 * np.abs(plain.synapses[0].weight[others]).max()
 
 
 def test_quantised_network_agrees_with_the_float_snn_on_random_graphs():
@@ -114,10 +116,11 @@ def test_quantised_network_agrees_with_the_float_snn_on_random_graphs():
 def test_folded_structures():
     fixed = quantize(make_snn(0, "odd"), input_range=(0, 1))
     assert fixed.layer("act1").nodes == ["norm", "conv1"]  # input affine folded into the first conv
-    assert fixed.layer("act2").nodes == ["conv2", "bn2"] and fixed.layer("act2").groups == 2
-    assert fixed.layer("act3").synapse == "dense"  # overlapping, padded pool before a conv: dense fallback
+    assert fixed.layer("act2").nodes == ["conv2", "bn2"] and fixed.layer("act2").synapses[0].groups == 2
+    assert fixed.layer("act3").synapses[0].kind == "dense"  # overlapping, padded pool before a conv: dense fallback
     assert fixed.layer("act4").nodes == ["pool3", "flat", "fc1", "fc1b"]  # consecutive linear maps folded
-    assert fixed.layer("act4").weight.shape == (10, 6) and fixed.layer("act4").pool == (2, 2)
+    (act4,) = fixed.layer("act4").synapses
+    assert act4.weight.shape == (10, 6) and act4.pool == (2, 2)
     assert fixed.depth == {"act1": 1, "act2": 2, "act3": 3, "act4": 4, "fc2/readout": 5}
     with pytest.raises(ToolchainError, match="act3.*dense"):
         quantize(make_snn(0, "odd"), input_range=(0, 1), max_dense_weights=1000)
@@ -170,24 +173,55 @@ def _assert_same(a: FixedGraph, b: FixedGraph) -> None:
     np.testing.assert_array_equal(a.input_step, b.input_step)
     assert len(a.layers) == len(b.layers)
     for x, y in zip(a.layers, b.layers, strict=True):
-        for key, value in vars(x).items():
-            other = getattr(y, key)
-            if isinstance(value, np.ndarray):
-                assert value.dtype == other.dtype and np.array_equal(value, other), key
-            else:
-                assert value == other, key
+        assert len(x.synapses) == len(y.synapses)
+        for p, q in [(x, y), *zip(x.synapses, y.synapses, strict=True)]:
+            for key, value in vars(p).items():
+                other = getattr(q, key)
+                if key == "synapses":
+                    continue
+                if isinstance(value, np.ndarray):
+                    assert value.dtype == other.dtype and np.array_equal(value, other), key
+                else:
+                    assert value == other, key
 
 
 def test_unsupported_structures_name_the_node():
     ann = make_shared_ann(pool="max")
     snn = convert(ann, compute_thresholds(ann, ThresholdSpec("ceiling")))
-    with pytest.raises(ToolchainError, match=r"'pool1'.*--maxpool avg"):
+    with pytest.raises(ToolchainError, match=r"'pool1'.*maxpool=avg"):
         quantize(snn)
     with pytest.raises(ToolchainError, match="no IF neurons"):
         quantize(make_shared_ann())
-    residual = _residual_snn()
-    with pytest.raises(ToolchainError, match="'add'.*residual"):
-        quantize(residual)
+    with pytest.raises(ToolchainError, match="'pool1'.*maxpool=relu"):
+        quantize(snn)
+
+
+def test_residual_add_and_concat_become_several_synapses():
+    """A linear op feeding both a population and an Add (fc1) is folded into each; the Add's two paths
+    are two synapses, the shorter one delayed to meet the longer in Lava."""
+    fixed = quantize(_residual_snn(), input_range=(0, 1))
+    if2 = fixed.layer("if2")
+    assert [(s.source, s.nodes) for s in if2.synapses] == [("if1", ["fc2"]), (None, ["fc1"])]
+    assert fixed.depth == {"if1": 1, "if2": 2, "out": 3} and fixed.delays()["if2"] == [0, 1]
+    assert if2.nodes == ["fc1", "fc2", "add"]
+    # the bias counts fc1's bias once per path through it, and the input offset the same way
+    snn = make_snn(0, "residual")
+    fixed = quantize(snn, input_range=(0, 1))
+    act3, act5 = fixed.layer("act3"), fixed.layer("act5")
+    assert [(s.source, s.kind, s.groups) for s in act3.synapses] == [("act2", "conv", 1), ("act1", "conv", 4)]  # identity
+    shortcut = [("act4", (3, 3), (1, 1)), ("act3", (1, 1), (2, 2))]  # the 1x1-conv shortcut
+    assert [(s.source, s.weight.shape[2:], s.stride) for s in act5.synapses] == shortcut
+    assert fixed.delays()["act5"] == [0, 1] and fixed.depth["fc/readout"] == 6
+    concat = quantize(make_snn(0, "concat"), input_range=(0, 1))
+    act4 = concat.layer("act4")  # conv over Concat(act2, act3): the kernel's input channels sliced per source
+    assert [(s.source, s.weight.shape) for s in act4.synapses] == [("act2", (4, 3, 3, 3)), ("act3", (4, 2, 3, 3))]
+    act5 = concat.layer("act5")  # Concat(act1, act4) -> affine -> IF: channel placements
+    assert [(s.source, s.weight.shape) for s in act5.synapses] == [("act1", (8, 4, 1, 1)), ("act4", (8, 4, 1, 1))]
+    assert concat.delays()["act5"] == [2, 0]
+    assert concat.timing() == {"depth": 5, "delayed_synapses": 1, "delay_steps": 2, "max_delay": 2, "relay_neurons": 0}
+    assert concat.layer("act6").sources == ["act4", "act4"]  # two convs from one source, concatenated
+    report = {row["layer"]: row for row in concat.report()}
+    assert report["act4"]["synapse"] == "conv(act2) + conv(act3)"
 
 
 def _residual_snn() -> ir.Graph:
@@ -229,3 +263,24 @@ def test_quantize_module_needs_neither_torch_nor_lava_to_load():
         f"assert q.V_MAX == {V_MAX}"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_relu_maxpool_is_the_anns_max_and_lowers_to_conv_synapses():
+    """--maxpool relu: max(a, b) = b + relu(a - b) from IF neurons; exact in the ANN (the IF neurons'
+    ANN view), and a 2x2 pool followed by a conv composes into one conv synapse per source."""
+    from toolchain.core.interpreter import run_ann
+    from toolchain.passes.convert import ann_view
+
+    tree = make_snn(0, "maxpool", maxpool="relu")
+    spiking = make_snn(0, "maxpool", maxpool="spiking")
+    x = make_inputs(tree, 16)
+    np.testing.assert_allclose(run_ann(ann_view(tree), x), run_ann(ann_view(spiking), x), atol=1e-5)
+    relus = [n.name for n in tree.nodes if isinstance(n, ir.IFNeuron) and n.name.startswith("pool")]
+    assert len(relus) == 3 + 8  # a k-cell window takes k - 1 neurons: 2x2 and 3x3
+    fixed = quantize(tree, input_range=(0, 1))
+    act2 = fixed.layer("act2")
+    assert all(s.kind == "conv" for s in act2.synapses)
+    from_act1 = next(s for s in act2.synapses if s.source == "act1")  # a pooled cell through conv2: one conv
+    assert from_act1.weight.shape[2:] == (6, 6) and from_act1.stride == (2, 2)
+    first = fixed.layer("pool1/max0_0/relu")
+    assert len(first.synapses) == 1  # a - b from one source: one synapse, weights summed

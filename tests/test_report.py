@@ -8,6 +8,7 @@ import base64
 import copy
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -553,3 +554,27 @@ def test_html_report_renders_in_headless_chromium(snn, torch_run, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
     for colour in ((31, 119, 180), (255, 127, 14)):  # tab:blue (accuracy curve), tab:orange (firing rates)
         assert (np.abs(pixels - colour).sum(1) < 30).sum() > 200, colour
+
+
+def test_resources_split_large_layers_over_cores_and_warn():
+    from tests.fixed_point_graphs import make_snn
+    from toolchain.passes.quantize import quantize
+    from toolchain.report.resources import resource_lines, resources
+
+    fixed = quantize(make_snn(0, "basic"), input_range=(0, 1))
+    layer = fixed.layer("act1")
+    small = resources(fixed, "loihi1")
+    assert small["layers"][0]["neurons"] == layer.size == 400 and small["layers"][0]["cores"] == 1
+    assert small["layers"][0]["max_fan_in"] == 18  # 2 channels x 3 x 3
+    assert small["total"]["chips"] == 1 and not small["warnings"]
+    # its first population 359 times wider: 143,600 neurons need 141 cores, more than one Loihi 1 chip
+    layer.shape = (4 * 359, 10, 10)
+    layer.synapses[0].weight = np.tile(layer.synapses[0].weight, (359, 1, 1, 1))
+    report = resources(fixed, "loihi1")
+    assert report["layers"][0]["cores"] == 141
+    assert report["total"]["chips"] == 2
+    assert any("'act1' needs 141 cores" in w for w in report["warnings"])
+    lines = resource_lines(report)
+    assert lines[0].startswith("Loihi 1 resources") and any(line.startswith("  warning:") for line in lines)
+    loihi2 = resources(fixed, "loihi2")["layers"][0]  # memory-bound there: 192 KiB per core, 8,192 neurons
+    assert loihi2["cores"] == math.ceil(loihi2["synapse_bytes"] / (192 * 1024)) > math.ceil(143_600 / 8192)

@@ -21,12 +21,13 @@ from targets import graph_kind
 from toolchain.core import ir
 from toolchain.core.fixed import FixedGraph, fixed_files
 from toolchain.data import Dataset, load_dataset
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.evaluate import check_input_shape
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
 from toolchain.passes.calibrate_latency import calibrate_for_latency, parse_methods
 from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
-from toolchain.passes.quantize import quantize
+from toolchain.passes.quantize import MAX_ROW_RATIO, quantize
+from toolchain.report.resources import CHIPS, resources
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class BuildOptions:
     per_channel: bool = False
     v0: str = "half"
     v0_steps: int = 16
-    maxpool: str = "spiking"
-    steps: int = 32  # the latency budget: T that --calibrate fits for and the checks after a build run at
+    maxpool: str | None = None  # None: "relu" for fixed-point targets (no synapse holds a max), else "spiking"
+    steps: int = 32  # the latency budget: T that `calibrate` fits for and the checks after a build run at
     calibrate: str = "auto"  # auto | none | comma list of calibrate_latency.METHODS
     scale: float | None = None
     mean: list[float] | None = None
@@ -71,6 +72,13 @@ class TargetMismatch(ToolchainError):
     """The converted network has a structure the chosen target cannot run (the quantiser refused it)."""
 
 
+def maxpool_policy(options: BuildOptions) -> str:
+    """The max-pool policy the build uses: the option, else the target's default."""
+    if options.maxpool is not None:
+        return options.maxpool
+    return "relu" if graph_kind(options.target) == "fixed" else "spiking"
+
+
 def build(options: BuildOptions) -> BuildResult:
     """The whole build: the SNN, and its fixed-point network where `options.target` runs one."""
     result = build_snn(options)
@@ -80,6 +88,8 @@ def build(options: BuildOptions) -> BuildResult:
         except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
             raise TargetMismatch(f"{options.model}: {exc}") from None
         result.log["fixed_point"] = result.fixed.report()
+        result.log["lava_timing"] = result.fixed.timing()
+        result.log["resources"] = {chip: resources(result.fixed, chip) for chip in CHIPS}
     return result
 
 
@@ -95,16 +105,23 @@ def apply_preprocess_overrides(
 
 
 def load_ann(options: BuildOptions) -> ir.Graph:
+    from toolchain.options import check_preprocess_fits
     from toolchain.passes.frontend import load_onnx
 
     ann = load_onnx(options.model)
     ann.preprocess = apply_preprocess_overrides(ann.preprocess, options.scale, options.mean, options.std)
-    return replace_maxpool(ann, options.maxpool)
+    check_preprocess_fits(ann.preprocess, ann.input_shape, str(options.model))
+    return replace_maxpool(ann, maxpool_policy(options))
 
 
-def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int) -> list[np.ndarray]:
+def calibration_batches(ann: ir.Graph, data: Dataset, batch_size: int, scale: float | None = None) -> list[np.ndarray]:
+    """Preprocessed calibration batches; `scale` is the user's --scale (else float images already
+    in [0, 1] are not scaled by the model's 1/255 again)."""
+    from toolchain.options import fit_scale_to_data
+
     check_input_shape(data, ann.input_shape, str(ann.meta.get("source", "the model")))
-    return [ann.network_input(x) for x, _ in data.batches(batch_size)]
+    preprocess = fit_scale_to_data(ann.preprocess, data, scale)
+    return [preprocess.apply(x).reshape((len(x), *ann.input_shape)) for x, _ in data.batches(batch_size)]
 
 
 def build_snn(options: BuildOptions) -> BuildResult:
@@ -115,20 +132,29 @@ def build_snn(options: BuildOptions) -> BuildResult:
     data: Dataset | None = None
     explicit = options.calibrate not in ("auto", "none")
     if explicit and options.calib is None:
-        raise ToolchainError(f"--calibrate {options.calibrate} fits the SNN to the ANN on data: pass --calib DATA")
+        raise ToolchainError(
+            f"{option('calibrate', options.calibrate)} fits the SNN to the ANN on data: pass {option('calib', 'DATA')}"
+        )
     if options.calib is not None and (uses_data(ann, spec) or options.v0 == "optimal" or explicit):
         data = _calibration_subset(load_dataset(options.calib, options.calib_split), options.calib_size)
     elif options.v0 == "optimal":
-        raise ToolchainError("--v0 optimal searches initial potentials on data: pass --calib DATA")
-    batches = calibration_batches(ann, data, options.batch_size) if data is not None else None
+        raise ToolchainError(f"{option('v0', 'optimal')} searches initial potentials on data: pass {option('calib', 'DATA')}")
+    batches = calibration_batches(ann, data, options.batch_size, options.scale) if data is not None else None
     thresholds = compute_thresholds(ann, spec, batches, len(data) if data is not None else 0, options.device)
-    snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=options.maxpool))
+    snn = convert(ann, thresholds, ConversionOptions(v0=options.v0, maxpool=maxpool_policy(options)))
     calibration = None
     # `auto` calibrates the layers whose thresholds came from data; named methods, every layer.
     layers = {name for name, source in thresholds.source.items() if explicit or source != "ceiling"}
     if methods and layers and batches is not None:
         calibration = calibrate_for_latency(
-            snn, ann, np.concatenate(batches), options.steps, layers, methods, options.device
+            snn,
+            ann,
+            np.concatenate(batches),
+            options.steps,
+            layers,
+            methods,
+            options.device,
+            row_ratio=MAX_ROW_RATIO if graph_kind(options.target) == "fixed" else None,
         )
         snn.meta["conversion"]["calibration"] = calibration.summary()
     chosen: dict[str, float] = {}
@@ -139,6 +165,8 @@ def build_snn(options: BuildOptions) -> BuildResult:
     snn.meta["conversion"].update(
         {"threshold": spec.describe(), "per_channel": spec.per_channel, "v0_fraction": chosen, "v0_steps": options.v0_steps}
     )
+    if data is not None and data.classes is not None:  # class folder names, for eval to check
+        snn.meta["classes"] = list(data.classes)
     build_log = {
         "model": str(options.model),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -166,17 +194,35 @@ def _calibration_subset(data: Dataset, size: int) -> Dataset:
     if size <= 0 or size >= len(data):
         return data
     index = np.linspace(0, len(data) - 1, size).astype(np.int64)
-    return Dataset(data.x[index], data.y[index], data.source)
+    return Dataset(data.x[index], data.y[index], data.source, data.classes)
+
+
+def check_test_data(test: Dataset, result: BuildResult, model: Path) -> None:
+    """The build's --data against the built network (shape, labels against its outputs), before
+    anything is written; class folder names are kept in the artifact for `eval` to check."""
+    from toolchain.data import check_class_names, check_labels
+
+    graph = result.snn
+    check_input_shape(test, graph.input_shape, str(model))
+    check_labels(test, int(np.prod(graph.shape_of(graph.output))), str(model))
+    check_class_names(test, graph.meta.get("classes"), str(model))  # those of the calibration data
+    if test.classes is not None:
+        graph.meta["classes"] = list(test.classes)
 
 
 def write_artifact(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> Path:
     if options.out is None:
         raise ToolchainError("no output folder given: pass -o OUT")
+    return ir.save_graph(result.snn, options.out, artifact_files(result, options, extra_files))
+
+
+def artifact_files(result: BuildResult, options: BuildOptions, extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Every file of the artifact but the graph's own two (`ir.graph_files`) and the manifest."""
     files = {**ann_files(Path(options.model)), BUILD_LOG_FILE: json.dumps(result.log, indent=1).encode()}
     if result.fixed is not None:
         files.update(fixed_files(result.fixed))
     files.update(extra_files or {})
-    return ir.save_graph(result.snn, options.out, files)
+    return files
 
 
 def ann_files(model: Path, limit: int = PROTOBUF_LIMIT) -> dict[str, bytes]:

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from targets import TARGETS, target_class
-from toolchain.errors import InternalError, ToolchainError
+from toolchain.errors import InternalError, OptionSpelling, ToolchainError, library_spelling, one_line, spelled_as
 
 DEFAULT_STEPS = "1,2,4,8,16,32,64"
+BUILD_STEPS = 32
 
 
 def _floats(text: str) -> list[float]:
@@ -56,7 +57,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolchain", description="Convert ONNX ANNs into low-latency spiking networks.")
+    from toolchain.options import OneLineParser
+
+    parser = OneLineParser(prog="toolchain", description="Convert ONNX ANNs into low-latency spiking networks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -77,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and channel on --calib data at --v0-T steps (best at low T)",
     )
     build.add_argument("--v0-T", dest="v0_steps", type=_count(1), default=16, help="time steps the optimal v0 search aims at")
-    build.add_argument("--maxpool", default="spiking", choices=("spiking", "avg", "error"))
     build.add_argument(
-        "-T", "--steps", type=_count(1), default=32,
-        help="the latency budget: time steps --calibrate fits the SNN for, and the checks after the build run",
+        "--maxpool", default=None, choices=("spiking", "relu", "avg", "error"),  # passes.convert.MAXPOOL_POLICIES
+        help="max pooling in the SNN: spiking (float targets' default), relu (IF neurons, max(a,b) = b + relu(a-b); "
+        "the loihi/lava default), avg (changes the ANN) or error",
+    )
+    build.add_argument(
+        "-T", "--steps", type=_count(1),
+        help=f"the latency budget: time steps --calibrate fits the SNN for, and the checks after the build run "
+        f"(default {BUILD_STEPS})",
     )  # fmt: skip
     build.add_argument(
         "--calibrate",
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", type=Path, help="test data for --validate and the accuracy summary")
     build.add_argument("--validate", type=_count(0), default=0, metavar="N", help="lava: compare N samples spike for spike")
     build.add_argument("--report", action="store_true", help="also write a report (needs --data)")
+    build.add_argument("--force", action="store_true", help="replace -o even if it is not an earlier, intact artifact")
     _add_preprocess_flags(build)
     _add_run_flags(build)
 
@@ -121,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--energy-model", type=Path, help="JSON or TOML file overriding energy constants")
     report.add_argument("--limit", type=_count(1), help="only the first N samples")
     report.add_argument("--no-ann", action="store_true", help="skip the onnxruntime ANN reference")
+    report.add_argument("--force", action="store_true", help="overwrite -o even if it is not a report of ours")
     _add_preprocess_flags(report)
     _add_run_flags(report)
 
@@ -136,11 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from toolchain.build import BuildOptions, TargetMismatch, build, write_artifact
-    from toolchain.core.ir import GRAPH_FILE
+    from toolchain.build import BuildOptions, TargetMismatch, artifact_files, build, check_test_data
+    from toolchain.core.ir import graph_files
     from toolchain.data import load_dataset
-    from toolchain.fileio import check_replaceable
+    from toolchain.fileio import StagedDirectory, check_replaceable, refuse_inside
+    from toolchain.options import check_preprocess_options, check_safe_steps
 
+    steps_given = args.steps is not None
+    args.steps = args.steps if steps_given else BUILD_STEPS
     options = BuildOptions(
         model=args.model,
         out=args.out,
@@ -166,7 +179,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.validate and args.target != "lava":
         raise ToolchainError("--validate compares Lava with the emulator: use it with --target lava")
     target_class(args.target)  # fails early, with what to install, where the target cannot run (Lava)
-    check_replaceable(args.out, GRAPH_FILE)  # before any work: -o must not name the user's own files
+    check_preprocess_options(args.scale, args.mean, args.std)
+    # Before any work: -o must not name the user's own files, nor hold the inputs.
+    check_replaceable(args.out, force=args.force)
+    refuse_inside(args.out, [args.model, args.calib, args.data])
     # Read the test data, and open the ANN in onnxruntime, before anything is written: a bad --data
     # path or a model onnxruntime cannot run (an opset newer than it knows) must leave no artifact.
     test = load_dataset(args.data, "test") if args.data is not None else None
@@ -179,9 +195,33 @@ def cmd_build(args: argparse.Namespace) -> int:
         result = build(options)
     except TargetMismatch as exc:  # say which option chose the target that cannot run this model
         raise ToolchainError(f"{exc} (--target {args.target})") from None
+    if test is not None:  # the test data against the built network, before anything is written
+        check_test_data(test, result, args.model)
     fixed = result.fixed
-    out = write_artifact(result, options)
-    print(f"wrote {out} ({len(result.snn.nodes)} nodes, target {args.target})")
+    if fixed is not None:
+        safe = {row["layer"]: row["safe_steps"] for row in result.log["fixed_point"]}
+        check_safe_steps(args.steps, safe, str(args.model), steps_given)
+    # Everything is written into a staging folder beside -o, checked there, and swapped in at the end.
+    with StagedDirectory(args.out, force=args.force) as stage:
+        stage.write_all({**graph_files(result.snn), **artifact_files(result, options)})
+        out = stage.path
+        status = _print_build(args, result, fixed)
+        if args.data is not None:
+            status = _check_build(args, out, result, fixed, test, ann)
+        flush_stdout()  # a full stdout fails the build before -o is replaced
+        stage.commit()
+    return status
+
+
+def flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        raise ToolchainError(f"stdout: cannot write ({exc.strerror or exc})") from None
+
+
+def _print_build(args: argparse.Namespace, result: Any, fixed: Any) -> int:
+    print(f"wrote {args.out} ({len(result.snn.nodes)} nodes, target {args.target})")
     for layer in result.log["layers"]:
         silent = layer.get("silent_channels", 0)
         source = layer["source"] + (f"; {silent} channels never active on the calibration data" if silent else "")
@@ -196,24 +236,30 @@ def cmd_build(args: argparse.Namespace) -> int:
                 f"  {row['layer']:<28} {row['synapse']:<12} threshold {row['threshold']:>5}  2^{row['weight_exp']:<3}"
                 f" weight error {100 * row['weight_rel_l2']:.2f} %  overflow-free for {row['safe_steps']} steps"
             )
-    if args.data is None:
-        return 0
-    return _check_build(args, out, result, fixed, test, ann)
+        from toolchain.report.resources import fit_lines
+
+        for line in fit_lines(result.log):
+            print(line)
+    return 0
 
 
 def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, test: Any, ann: Any) -> int:
-    """After a build with --data: accuracy at T beside the ANN, Lava validation, report."""
-    from toolchain.backends import open_target
+    """After a build with --data: accuracy at T beside the ANN, Lava validation, report; `out` is the
+    staging folder (the fixed-point network is the one in memory: the folder has no manifest yet)."""
+    from toolchain.backends import get_target
     from toolchain.evaluate import evaluate
+    from toolchain.options import fit_scale_to_data
     from toolchain.report import SpikeMapRecorder
 
     graph = result.snn
+    preprocess = fit_scale_to_data(graph.preprocess, test, args.scale)
     steps = sorted({1, 2, 4, 8, 16, args.steps} - {t for t in (1, 2, 4, 8, 16) if t > args.steps})
     runs, recorders = {}, {}
     for name in ("torch", "loihi") if fixed is not None else ("torch",):
-        recorders[name] = target = SpikeMapRecorder(open_target(name, out, args.device))
+        fixed_option = {"fixed": fixed} if name == "loihi" else {}
+        recorders[name] = target = SpikeMapRecorder(get_target(name, device=args.device, **fixed_option))
         target.prepare(graph)
-        runs[name] = evaluate(target, test, graph.preprocess, graph.input_shape, steps, args.batch_size, ann,
+        runs[name] = evaluate(target, test, preprocess, graph.input_shape, steps, args.batch_size, ann,
                               label=f"{name} T={args.steps}")
     ann_accuracy = runs["torch"].ann_accuracy()
     print(f"accuracy on {test.source}, {len(test)} samples, T={args.steps}:")
@@ -228,7 +274,7 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
     if args.validate:
         from toolchain.validate import validate
 
-        x = graph.network_input(test.x[: args.validate])
+        x = preprocess.apply(test.x[: args.validate]).reshape((-1, *graph.input_shape))
         check = validate(fixed, x, args.steps)
         print(f"lava validation: {check.summary()}")
         print(f"  lava {check.lava_seconds_per_sample:.2f} s/sample (start-up {check.lava_startup_seconds:.1f} s), "
@@ -239,9 +285,9 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
 
         report_target = "loihi" if "loihi" in runs else "torch"
         for fmt in ("html", "md", "json"):
-            write_report(out, runs[report_target], graph, fmt, out / f"report.{fmt}", target=report_target,
+            write_report(args.out, runs[report_target], graph, fmt, out / f"report.{fmt}", target=report_target,
                          data=test.source, spike_maps=recorders[report_target].maps)
-        path = out / "report.html"
+        path = args.out / "report.html"
         print(f"report: {path} (also report.md, report.json)")
     return status
 
@@ -272,11 +318,16 @@ def accuracy_hint(args: argparse.Namespace, gap: float, layers: list[dict[str, A
 def _load_artifact_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
     from toolchain.build import apply_preprocess_overrides
     from toolchain.core.ir import load_graph
-    from toolchain.data import load_dataset
+    from toolchain.data import check_class_names, load_dataset
+    from toolchain.options import check_preprocess_fits, check_preprocess_options, fit_scale_to_data
 
+    check_preprocess_options(args.scale, args.mean, args.std)
     graph = load_graph(args.artifact)
     graph.preprocess = apply_preprocess_overrides(graph.preprocess, args.scale, args.mean, args.std)
+    check_preprocess_fits(graph.preprocess, graph.input_shape, str(args.artifact))
     data = load_dataset(args.data, args.split).subset(args.limit)
+    check_class_names(data, graph.meta.get("classes"), str(args.artifact))
+    graph.preprocess = fit_scale_to_data(graph.preprocess, data, args.scale)
     return graph, data
 
 
@@ -351,36 +402,75 @@ COMMANDS = {"build": cmd_build, "eval": cmd_eval, "inspect": cmd_inspect, "repor
 
 
 def main(argv: list[str] | None = None) -> int:
+    from toolchain import faults
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    faults.install()
     try:
         if argv and argv[0] == "export":
             return cmd_export(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
         )
-        return COMMANDS[args.command](args)
+        with spelled_as(flag_spelling(parser)):  # library messages name our flags
+            status = COMMANDS[args.command](args)
+        flush_stdout()
+        return status
     except ToolchainError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever a library said
+        if str(error).startswith("stdout:"):
+            faults.silence_stdout()
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return faults.exit_status(interrupt)
     except BrokenPipeError:
         # The reader went away (`toolchain inspect OUT | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:  # a full disk, a read-only folder, an unreadable file, a full stdout
+        if faults.stdout_failed() or faults.is_write_without_path(error):
+            faults.silence_stdout()
+            print(f"error: stdout: cannot write ({error.strerror or error})", file=sys.stderr)
+        else:
+            print(f"error: {faults.describe(error)}", file=sys.stderr)
+        return 2
     except Exception as error:  # noqa: BLE001 - a bug of ours: one line, the traceback kept in a file
         path = write_traceback(error)
         kind = "internal error" if isinstance(error, InternalError) else f"internal error ({type(error).__name__})"
-        print(f"{kind}: {_first_line(error)}; this is a bug in the toolchain, not in your input: "
+        print(f"{kind}: {one_line(error)}; this is a bug in the toolchain, not in your input: "
               f"please report it with the traceback written to {path}", file=sys.stderr)  # fmt: skip
         return InternalError.exit_code
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's library name (its argparse dest, the `BuildOptions` field) -> the flag the
+    messages show (its first spelling: `--maxpool`, `-T`), over every subcommand."""
+    flags: dict[str, str] = {}
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop(0)
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.option_strings and action.dest not in flags:
+                flags[action.dest] = action.option_strings[0]
+    return flags
+
+
+def flag_spelling(parser: argparse.ArgumentParser) -> OptionSpelling:
+    """Library messages' options as this command line's flags: `maxpool=avg` -> `--maxpool avg`."""
+    flags = option_flags(parser)
+
+    def spell(name: str, value: str | None) -> str:
+        flag = flags.get(name)
+        if flag is None:  # not an option of ours (tests/test_option_names.py keeps this from happening)
+            return library_spelling(name, value)
+        return flag if value is None else f"{flag} {value}"
+
+    return spell
 
 
 def write_traceback(error: BaseException) -> Path:

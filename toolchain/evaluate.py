@@ -16,7 +16,7 @@ import numpy as np
 
 from toolchain.core.ir import Preprocess
 from toolchain.core.target import Target
-from toolchain.data import Dataset
+from toolchain.data import Dataset, check_labels
 from toolchain.errors import ToolchainError
 from toolchain.progress import Progress
 
@@ -114,6 +114,8 @@ def evaluate(
     for raw, labels in dataset.batches(batch_size):
         x = preprocess.apply(raw).reshape((len(raw), *input_shape))
         out = target.run(x, t_max)
+        if result.samples == 0:  # every label must be one of the model's outputs
+            check_labels(dataset, int(out.readout.shape[-1]), "the model")
         predictions = out.readout[[t - 1 for t in steps]].argmax(-1)  # (len(steps), B)
         ann_prediction = ann(x).argmax(-1) if ann else None
         for i, t in enumerate(steps):

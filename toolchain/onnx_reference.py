@@ -8,13 +8,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.passes.frontend.layout import channels_last_input
 
 
 class OnnxReference:
     def __init__(self, path: str | Path):
         import onnxruntime as ort
+
+        from toolchain.fileio import check_external_data
+
+        check_external_data(path)  # onnxruntime would follow any path the file names
+        ort.set_default_logger_severity(3)  # its warnings are raw C++ lines on stderr
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -43,5 +48,5 @@ class OnnxReference:
             return self.session.run(None, {self.input.name: x})[0]
         size = self.fixed_batch
         if len(x) % size:
-            raise ToolchainError(f"the ONNX model takes batches of exactly {size}; use --batch-size {size}")
+            raise ToolchainError(f"the ONNX model takes batches of exactly {size}; use {option('batch_size', size)}")
         return np.concatenate([self.session.run(None, {self.input.name: x[i : i + size]})[0] for i in range(0, len(x), size)])

@@ -1,21 +1,25 @@
 """Lower the fixed-point network to Lava processes and run it with `Loihi2SimCfg(select_tag='fixed_pt')`.
 
 Network: a `RingBuffer` (one frame, repeated every step) sends the graded input spikes
-(`toolchain.core.fixed.encode_input`); each layer is one connection process plus one of our
-populations (`targets.lava.process`): `Dense` for dense synapses, `Sparse` for
-convolutions (built with `lava.proc.conv.utils.conv_to_sparse` in PyTorch's NCHW order, so
-no kernel flipping or (X, Y, C) transposition is needed on our side), with a preceding
-sum-pool folded into the matrix (each entry is still one 8-bit mantissa, as pools do not
-overlap). Weights are passed as `2*q` with `weight_exp = weight_exp - 1`: Lava's fixed-point
-Dense/Sparse clip to [-256, 255] and clear the lowest bit of mixed-sign weights, both of
-which leave `2*q` (|q| <= 127) intact, and the shift by `weight_exp - 1` gives exactly the
-emulator's `sum(q*s) << weight_exp` (or its floor, for negative exponents).
+(`toolchain.core.fixed.encode_input`); each layer is one of our populations
+(`targets.lava.process`) fed by one connection process per synapse, all into its `a_in`
+(Lava sums an InPort's connections): `Dense` for dense synapses, `Sparse` for
+convolutions (built with `lava.proc.conv.utils.conv_to_sparse` in Lava's own order, see
+`connection_matrix`), `DelaySparse` for a synapse that must wait for the longer paths into
+its layer (`FixedGraph.delays`), with a preceding sum-pool folded into the matrix (each
+entry is still one 8-bit mantissa, as pools do not overlap). Weights are passed as `2*q`
+with `weight_exp = weight_exp - 1`: Lava's fixed-point Dense/Sparse clip to [-256, 255] and
+clear the lowest bit of mixed-sign weights, both of which leave `2*q` (|q| <= 127) intact,
+and the shift by `weight_exp - 1` gives exactly the emulator's `sum(q*s) << weight_exp` (or
+its floor, for negative exponents).
 
-Timing: each connection adds one step of delay, so the layer at depth d sees at Lava step
-t the input of step t - d. The network is built once per number of steps T and streams
-samples one after the other: for each sample the input frame is set and the network runs
-P = T + D steps (D the readout's depth); every population resets itself to v0 at phase
-`d` of each period of P steps, i.e. exactly when the new sample's input reaches it.
+Timing: each connection adds one step of delay, so the layer at depth d (the longest path,
+the others delayed to it) sees at Lava step t the input of step t - d. The network is built
+once per number of steps T and streams samples one after the other: for each sample the
+input frame is set and the network runs P = T + D steps (D the deepest layer's depth);
+every population resets itself to v0 at phase `d` of each period of P steps, i.e. exactly
+when the new sample's input reaches it (a delayed synapse still delivers the previous
+sample's tail before that phase).
 Phase d + k of layer d is logical step k (`targets.loihi.emulator` works in logical time),
 so the readout at logical step T-1 reflects exactly T steps of input.
 """
@@ -33,6 +37,7 @@ import targets.lava  # noqa: F401  (fails with a clear ToolchainError when Lava 
 from toolchain.core.fixed import (
     FixedGraph,
     FixedLayer,
+    FixedSynapse,
     Lowering,
     as_fixed,
     check_overflow_policy,
@@ -43,6 +48,7 @@ from toolchain.core.target import GraphKind, Recording, SimOutput
 from toolchain.errors import ToolchainError
 
 TAGS = ("fixed_pt", "floating_pt")
+MAX_DELAY = 63  # DelaySparse's limit (6 bits, as Loihi 2's synaptic delays)
 
 
 def _pool_matrix(in_shape: tuple[int, ...], pool: tuple[int, int]) -> Any:
@@ -59,37 +65,37 @@ def _pool_matrix(in_shape: tuple[int, ...], pool: tuple[int, int]) -> Any:
     return csr_matrix((np.ones(rows.size, np.int64), (rows, cols)), shape=(c * ph * pw, c * h * w))
 
 
-def connection_matrix(layer: FixedLayer) -> Any:
-    """The layer's integer synapse as a scipy CSR matrix (out, in) over CHW-flattened vectors."""
+def connection_matrix(syn: FixedSynapse, layer: FixedLayer) -> Any:
+    """One of the layer's integer synapses as a scipy CSR matrix (out, in) over CHW-flattened vectors."""
     from lava.proc.conv.utils import conv_to_sparse
     from scipy.sparse import csr_matrix
 
-    pooled = layer.pooled_shape
+    pooled = syn.pooled_shape
     n_in = int(np.prod(pooled))
-    if layer.synapse == "conv":
+    if syn.kind == "conv":
         # Lava's own order (its NCHW branch is broken in 0.10.0): a true convolution with kernels
         # (C_out, kW, kH, C_in) on (X, Y, C) tensors. Our kernels are PyTorch correlations
         # (C_out, C_in, kH, kW) on (C, H, W), so flip both spatial axes and transpose.
-        kernel = layer.weight.astype(np.int64)[:, :, ::-1, ::-1].transpose(0, 3, 2, 1)
+        kernel = syn.weight.astype(np.int64)[:, :, ::-1, ::-1].transpose(0, 3, 2, 1)
         c_in, h_in, w_in = pooled
         c_out, h_out, w_out = layer.shape
         dst, src, wgt = conv_to_sparse(
             (w_in, h_in, c_in),
             (w_out, h_out, c_out),
             np.ascontiguousarray(kernel),
-            (layer.stride[1], layer.stride[0]),
-            (layer.padding[1], layer.padding[0]),  # asymmetric padding: the output shape fixes right/bottom
-            (layer.dilation[1], layer.dilation[0]),
-            layer.groups,
+            (syn.stride[1], syn.stride[0]),
+            (syn.padding[1], syn.padding[0]),  # asymmetric padding: the output shape fixes right/bottom
+            (syn.dilation[1], syn.dilation[0]),
+            syn.groups,
         )
         # (X, Y, C)-flattened indices -> our (C, H, W)-flattened ones
         src = np.arange(n_in).reshape(c_in, h_in, w_in).transpose(2, 1, 0).reshape(-1)[src]
         dst = np.arange(layer.size).reshape(c_out, h_out, w_out).transpose(2, 1, 0).reshape(-1)[dst]
         matrix = csr_matrix((wgt.astype(np.int64), (dst, src)), shape=(layer.size, n_in))
     else:
-        matrix = csr_matrix(layer.weight.astype(np.int64).reshape(layer.size, n_in))
-    if layer.pool != (1, 1):
-        matrix = (matrix @ _pool_matrix(tuple(layer.in_shape), layer.pool)).tocsr()
+        matrix = csr_matrix(syn.weight.astype(np.int64).reshape(layer.size, n_in))
+    if syn.pool != (1, 1):
+        matrix = (matrix @ _pool_matrix(tuple(syn.in_shape), syn.pool)).tocsr()
     matrix.eliminate_zeros()
     if matrix.nnz and np.abs(matrix.data).max() > 127:
         raise ToolchainError(f"layer {layer.name!r}: folded synapse has weights beyond 8 bits")  # pragma: no cover
@@ -158,9 +164,7 @@ class LavaTarget:
         self.overflows = {layer.name: 0 for layer in self.fixed.layers}
 
     def _build(self, steps: int) -> _Network:
-        from lava.proc.dense.process import Dense
         from lava.proc.io.source import RingBuffer
-        from lava.proc.sparse.process import Sparse
 
         from targets.lava.process.process import Accumulator, IFReset
 
@@ -168,32 +172,18 @@ class LavaTarget:
         assert fixed is not None, "prepare() first"
         started = time.perf_counter()
         depth = fixed.depth
-        period = steps + depth[fixed.output]
+        period = steps + max(depth.values())
         fixed_pt = self.tag == "fixed_pt"
         n_in = int(np.prod(fixed.input_shape))
         ring = RingBuffer(data=np.zeros((n_in, 1), np.int32 if fixed_pt else np.float64))
         populations: dict[str | None, Any] = {None: ring}
         connections: dict[str, Any] = {}
         readout = None
+        delays = fixed.delays()
         for layer in fixed.layers:
-            matrix = connection_matrix(layer)
-            graded = layer.source is None
-            # Binary spikes as 1-bit graded payloads (0/1) give the same sums, but Lava's Sparse then
-            # takes a CSR mat-vec instead of slicing columns, which is ~10x faster.
-            binary_bits = 1 if (self.fast_sparse and layer.synapse != "dense") else 0
-            conn_options: dict[str, Any] = {
-                "num_message_bits": fixed.input_bits if graded else binary_bits,
-                "name": f"{layer.name}/synapse",
-            }
-            if fixed_pt:
-                matrix = matrix * 2
-                conn_options["weight_exp"] = layer.weight_exp - 1
-            else:
-                matrix = matrix.astype(np.float64) * 2.0**layer.weight_exp
-            if layer.synapse == "dense":
-                conn = Dense(weights=matrix.toarray(), **conn_options)
-            else:
-                conn = Sparse(weights=matrix, **conn_options)
+            conns = [
+                self._connection(fixed, layer, k, syn, delays[layer.name][k]) for k, syn in enumerate(layer.synapses)
+            ]
             size = (layer.size,)
             cast = (lambda a: a.astype(np.int64)) if fixed_pt else (lambda a: a.astype(np.float64))
             if layer.kind == "if":
@@ -222,14 +212,50 @@ class LavaTarget:
                     name=layer.name,
                 )
                 readout = pop
-            populations[layer.source].s_out.connect(conn.s_in)
-            conn.a_out.connect(pop.a_in)
+            for syn, conn in zip(layer.synapses, conns, strict=True):
+                populations[syn.source].s_out.connect(conn.s_in)
+                conn.a_out.connect(pop.a_in)
             populations[layer.name] = pop
-            connections[layer.name] = conn
+            connections[layer.name] = conns
         assert readout is not None
         network = _Network(steps, period, ring, {k: v for k, v in populations.items() if k}, connections, readout)
         self.build_seconds = time.perf_counter() - started
         return network
+
+    def _connection(self, fixed: FixedGraph, layer: FixedLayer, index: int, syn: FixedSynapse, delay: int) -> Any:
+        """One synapse as a Lava connection process: Dense, Sparse, or DelaySparse where the synapse
+        must wait `delay` more steps for the longer paths into its layer (`FixedGraph.delays`)."""
+        from lava.proc.dense.process import Dense
+        from lava.proc.sparse.process import DelaySparse, Sparse
+
+        fixed_pt = self.tag == "fixed_pt"
+        matrix = connection_matrix(syn, layer)
+        graded = syn.source is None
+        # Binary spikes as 1-bit graded payloads (0/1) give the same sums, but Lava's Sparse then
+        # takes a CSR mat-vec instead of slicing columns, which is ~10x faster.
+        binary_bits = 1 if (self.fast_sparse and (syn.kind != "dense" or delay)) else 0
+        suffix = "" if len(layer.synapses) == 1 else f"{index}"
+        options: dict[str, Any] = {
+            "num_message_bits": fixed.input_bits if graded else binary_bits,
+            "name": f"{layer.name}/synapse{suffix}",
+        }
+        if fixed_pt:
+            matrix = matrix * 2
+            options["weight_exp"] = syn.weight_exp - 1
+        else:
+            matrix = matrix.astype(np.float64) * 2.0**syn.weight_exp
+        if delay:
+            if delay > MAX_DELAY:
+                raise ToolchainError(
+                    f"layer {layer.name!r}: its synapse from {syn.source or 'the input'!r} needs {delay} steps of delay "
+                    f"to meet its longer paths; Loihi 2 synapses delay at most {MAX_DELAY}"
+                )
+            delays = matrix.copy()
+            delays.data[:] = delay
+            return DelaySparse(weights=matrix, delays=delays.astype(np.int64), max_delay=delay, **options)
+        if syn.kind == "dense":
+            return Dense(weights=matrix.toarray(), **options)
+        return Sparse(weights=matrix, **options)
 
     # ------------------------------------------------------------------- run
 

@@ -3,15 +3,16 @@
 It does exactly the integer arithmetic of our Lava process models
 (`targets.lava.process`, see `toolchain.core.fixed` for the arithmetic):
 
-    synapse:  a = sum(q * s) over the (sum-pooled) source, then << weight_exp
-              (arithmetic >> when negative, i.e. floor)
+    synapse:  a_k = sum(q * s) over the (sum-pooled) source, then << weight_exp
+              (arithmetic >> when negative, i.e. floor); a = sum of a layer's a_k
     IF:       v += a + (bias_mant << bias_exp); saturate to +-(2**23 - 1), counting overflows;
               s = v >= threshold; v -= s * threshold
     readout:  acc += a + bias, saturated the same way
 
 Time. In Lava every connection adds one step of delay, so layer l (at depth d_l =
-`FixedGraph.depth[l]`) processes at Lava step t the input presented at step t - d_l,
-and the Lava runner resets each layer to v0 at its own depth. The emulator therefore
+`FixedGraph.depth[l]`) processes at Lava step t the input presented at step t - d_l
+(shorter paths into a layer are delayed to meet the longest), and the Lava runner resets
+each layer to v0 at its own depth. The emulator therefore
 works in *logical* time: its step k of layer l is Lava step k + d_l of that sample;
 `readout[k]` is the readout accumulated over the first k + 1 steps of input, as in
 the float simulator, so `readout[T-1]` reflects exactly T steps of input.
@@ -28,14 +29,17 @@ Two arithmetic paths give the same bits:
   - The payloads are non-negative integers (spikes 0/1, input 0..2**input_bits-1, sum-pooled
     over `pool` cells), so every partial sum of `q * s` over any subset of taps lies in
     [-neg_i * P, pos_i * P] (pos_i/neg_i: the sums of the positive/negative mantissas of
-    output i, P the largest pooled payload), whatever order the kernel adds in.
+    output i, P the largest pooled payload), whatever order the kernel adds in. This holds
+    per synapse; each synapse of a layer has its own kernel and proof.
   - The weights are stored pre-multiplied by 2**weight_exp (exact: a power of two), and an
     integer bias may enter the kernel's own accumulation: then every intermediate value is a
     multiple of g = 2**min(weight_exp, 0) of magnitude at most |S|max * 2**weight_exp + |bias|max.
     When that is below 2**24 * g the layer's synapse runs in float32 (below 2**53 * g in
     float64): integers (multiples of g) of that size are exact floats, so products and sums are
     exact. `floor` (for negative exponents) and the bias (when it is not per channel) are exact
-    afterwards. Only kernels that multiply and add are used: oneDNN direct convolutions or
+    afterwards. The (floored) synapse outputs of a layer are integers summed in float32 when
+    the sum of their bounds and the bias stays below 2**24, else in float64 (below 2**53).
+    Only kernels that multiply and add are used: oneDNN direct convolutions or
     im2col + GEMM (NNPACK and cuDNN, which may pick Winograd/FFT, are switched off around the
     calls, float32 matmuls run at "highest" precision, and any other backend torch would pick
     is replaced by unfold + matmul).
@@ -70,11 +74,13 @@ from toolchain.core.fixed import (
     V_MAX,
     FixedGraph,
     FixedLayer,
+    FixedSynapse,
     Lowering,
     as_fixed,
     check_overflow_policy,
     encode_input,
     overflow_error,
+    synapse_range,
 )
 from toolchain.core.target import GraphKind, Recording, SimOutput
 from toolchain.errors import ToolchainError
@@ -102,10 +108,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @dataclass
 class _Bounds:
-    """Integer bounds of one layer's arithmetic, for any input the encoder or the source can send."""
+    """Integer bounds of one layer's arithmetic, for any input the encoder or the sources can send."""
 
-    s_max: int  # largest |partial sum of q * s| (before the exponent)
-    kernel_max: int  # largest |intermediate| of the scaled kernel with the bias folded in, in units of g
+    s_max: list[int]  # per synapse: largest |partial sum of q * s| (before the exponent)
+    kernel_max: list[int]  # per synapse: largest |intermediate| of its scaled kernel (bias folded into the first), units of g
+    sum_max: int  # largest |partial sum| of the synapses' (floored) outputs and the bias
     u_low: int  # smallest dendritic input a + bias of any neuron
     u_high: int  # largest
     v0_low: int
@@ -117,25 +124,22 @@ def _shift(values: np.ndarray, exp: int) -> np.ndarray:
     return values << exp if exp >= 0 else values >> -exp
 
 
-def _bounds(layer: FixedLayer, payload_max: int) -> _Bounds:
-    q = layer.weight.astype(np.int64).reshape(layer.weight.shape[0], -1)
-    pooled_max = payload_max * layer.pool[0] * layer.pool[1]
-    pos = np.clip(q, 0, None).sum(1) * pooled_max  # per output channel (conv) or row (dense)
-    neg = np.clip(-q, 0, None).sum(1) * pooled_max
+def _bounds(layer: FixedLayer, input_max: int) -> _Bounds:
     bias = layer.bias().reshape(layer.shape)
-    if layer.synapse == "conv":  # per channel -> per neuron
-        pos = pos.reshape((-1,) + (1,) * (len(layer.shape) - 1))
-        neg = neg.reshape(pos.shape)
-    else:
-        pos, neg = pos.reshape(layer.shape), neg.reshape(layer.shape)
-    e = layer.weight_exp
-    s_max = int(max(pos.max(initial=0), neg.max(initial=0)))
     b_max = int(np.abs(bias).max(initial=0))
-    kernel_max = s_max * 2 ** max(e, 0) + b_max * 2 ** max(-e, 0)
-    high = _shift(np.broadcast_to(pos, layer.shape), e) + bias
-    low = _shift(-np.broadcast_to(neg, layer.shape), e) + bias
+    high, low = bias.copy(), bias.copy()
+    s_max, kernel_max, sum_max = [], [], b_max
+    for index, syn in enumerate(layer.synapses):
+        pos, neg = synapse_range(syn, layer.shape, input_max if syn.source is None else 1)
+        e = syn.weight_exp
+        peak = int(max(pos.max(initial=0), neg.max(initial=0)))
+        s_max.append(peak)
+        kernel_max.append(peak * 2 ** max(e, 0) + (b_max * 2 ** max(-e, 0) if index == 0 else 0))
+        high = high + _shift(pos, e)
+        low = low + _shift(-neg, e)
+        sum_max += int(max(np.abs(_shift(pos, e)).max(initial=0), np.abs(_shift(-neg, e)).max(initial=0)))
     v0 = layer.v0.astype(np.int64)
-    return _Bounds(s_max, kernel_max, int(low.min()), int(high.max()), int(v0.min()), int(v0.max()))
+    return _Bounds(s_max, kernel_max, sum_max, int(low.min()), int(high.max()), int(v0.min()), int(v0.max()))
 
 
 def _membrane_fits(layer: FixedLayer, b: _Bounds, steps: int) -> bool:
@@ -211,24 +215,26 @@ def _threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _conv_backend(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: FixedLayer, padding: tuple) -> str:
+def _conv_backend(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, syn: FixedSynapse, padding: tuple) -> str:
     """The backend torch will pick (a private query; where it is missing, trust `_exact_kernels`' flags)."""
     try:
         backend = torch._C._select_conv_backend(
-            x, w, bias, list(layer.stride), list(padding), list(layer.dilation), False, [0, 0], layer.groups, None
+            x, w, bias, list(syn.stride), list(padding), list(syn.dilation), False, [0, 0], syn.groups, None
         )
     except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - another torch
         return "Mkldnn"
     return str(backend).rsplit(".", 1)[-1]
 
 
-def _conv_by_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: FixedLayer, padding: tuple) -> torch.Tensor:
+def _conv_by_gemm(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, syn: FixedSynapse, shape: tuple[int, ...], padding: tuple
+) -> torch.Tensor:
     """Convolution as unfold + batched matmul (only multiplies and adds)."""
     n = x.shape[0]
     c_out, c_in_group, kh, kw = w.shape
-    groups = layer.groups
-    _, h_out, w_out = layer.shape
-    cols = F.unfold(x, (kh, kw), layer.dilation, padding, layer.stride).view(n, groups, c_in_group * kh * kw, -1)
+    groups = syn.groups
+    _, h_out, w_out = shape
+    cols = F.unfold(x, (kh, kw), syn.dilation, padding, syn.stride).view(n, groups, c_in_group * kh * kw, -1)
     y = (w.reshape(groups, c_out // groups, -1).unsqueeze(0) @ cols).reshape(n, c_out, h_out, w_out)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
@@ -285,17 +291,26 @@ def _hwc_order(shape: tuple[int, ...]) -> np.ndarray:
 
 
 @dataclass
+class _SynapsePlan:
+    """How the fast path runs one synapse."""
+
+    synapse: FixedSynapse
+    dtype: torch.dtype  # its arithmetic (float32 or float64)
+    weight: torch.Tensor  # q * 2**weight_exp; conv: channels-last; dense: (in, out), rows/columns in memory order
+    kernel_bias: torch.Tensor | None  # the layer's bias inside this kernel (per channel conv, per row dense) or None
+    floor: bool  # weight_exp < 0
+
+
+@dataclass
 class _Plan:
     """How the fast path runs one layer."""
 
     layer: FixedLayer
     bounds: _Bounds
-    dtype: torch.dtype  # synapse arithmetic (float32 or float64)
-    weight: torch.Tensor  # q * 2**weight_exp; conv: channels-last; dense: (in, out), rows/columns in memory order
-    kernel_bias: torch.Tensor | None  # the bias inside the kernel (per channel conv, per row dense) or None
-    bias: torch.Tensor | None  # per-neuron bias added after the kernel (when not folded), population layout
+    synapses: list[_SynapsePlan]
+    dtype: torch.dtype  # the dendritic sum's arithmetic (float32 or float64)
+    bias: torch.Tensor | None  # per-neuron bias added after the kernels (when not folded), population layout
     v0: torch.Tensor  # float64, population layout
-    floor: bool  # weight_exp < 0
     states: dict[int, tuple[torch.dtype, bool]] = field(default_factory=dict)
 
     def state_dtype(self, steps: int) -> tuple[torch.dtype, bool]:
@@ -312,36 +327,53 @@ class _Plan:
         return self.states[steps]
 
 
-def _plan(layer: FixedLayer, payload_max: int, device: torch.device) -> _Plan | None:
+def _exact_dtype(bound: int) -> torch.dtype | None:
+    return next((d for d, bits in EXACT_BITS.items() if bound < 2**bits), None)
+
+
+def _plan(layer: FixedLayer, input_max: int, device: torch.device) -> _Plan | None:
     """The fast path for a layer, or None when its bounds exceed float64's exact range."""
-    bounds = _bounds(layer, payload_max)
-    dtype = next((d for d, bits in EXACT_BITS.items() if bounds.kernel_max < 2**bits), None)
+    bounds = _bounds(layer, input_max)
+    dtypes = [_exact_dtype(k) for k in bounds.kernel_max]
     u_max = max(abs(bounds.u_low), abs(bounds.u_high))
-    if dtype is None or u_max + V_MAX >= 2**53:
+    if None in dtypes or u_max + V_MAX >= 2**53 or bounds.sum_max >= 2**53:
         return None
-    e = layer.weight_exp
-    q = layer.weight.astype(np.float64) * 2.0**e
+    dtype = torch.float32 if all(d == torch.float32 for d in dtypes) and bounds.sum_max < 2**24 else torch.float64
     bias = layer.bias().reshape(layer.shape).astype(np.float64)
-    kernel_bias: np.ndarray | None = None
-    if layer.synapse == "conv":
-        weight = torch.as_tensor(q).to(device, dtype).contiguous(memory_format=torch.channels_last)
-        per_channel = bias.reshape(bias.shape[0], -1)
-        if np.all(per_channel == per_channel[:, :1]):
-            kernel_bias = per_channel[:, 0]
-    else:
-        rows = _hwc_order(tuple(layer.shape))
-        cols = _hwc_order(tuple(layer.pooled_shape))
-        weight = torch.as_tensor(np.ascontiguousarray(q.reshape(layer.size, -1)[rows][:, cols].T)).to(device, dtype)
-        kernel_bias = bias.reshape(-1)[rows]
+    plans: list[_SynapsePlan] = []
+    folded = False
+    for index, syn in enumerate(layer.synapses):
+        syn_dtype: torch.dtype = dtypes[index]  # type: ignore[assignment]
+        q = syn.weight.astype(np.float64) * 2.0**syn.weight_exp
+        kernel_bias: np.ndarray | None = None
+        if syn.kind == "conv":
+            weight = torch.as_tensor(q).to(device, syn_dtype).contiguous(memory_format=torch.channels_last)
+            per_channel = bias.reshape(bias.shape[0], -1)
+            if index == 0 and np.all(per_channel == per_channel[:, :1]):
+                kernel_bias = per_channel[:, 0]
+        else:
+            rows = _hwc_order(tuple(layer.shape))
+            cols = _hwc_order(tuple(syn.pooled_shape))
+            weight = torch.as_tensor(np.ascontiguousarray(q.reshape(layer.size, -1)[rows][:, cols].T)).to(device, syn_dtype)
+            if index == 0:
+                kernel_bias = bias.reshape(-1)[rows]
+        folded = folded or kernel_bias is not None
+        plans.append(
+            _SynapsePlan(
+                syn,
+                syn_dtype,
+                weight,
+                None if kernel_bias is None else torch.as_tensor(kernel_bias).to(device, syn_dtype),
+                syn.weight_exp < 0,
+            )
+        )
     return _Plan(
         layer=layer,
         bounds=bounds,
+        synapses=plans,
         dtype=dtype,
-        weight=weight,
-        kernel_bias=None if kernel_bias is None else torch.as_tensor(kernel_bias).to(device, dtype),
-        bias=None if kernel_bias is not None else _layout(bias, dtype, device),
+        bias=None if folded else _layout(bias, dtype, device),
         v0=_layout(layer.v0, torch.float64, device),
-        floor=e < 0,
     )
 
 
@@ -351,7 +383,7 @@ def _plan(layer: FixedLayer, payload_max: int, device: torch.device) -> _Plan | 
 @dataclass
 class _Compiled:
     layer: FixedLayer
-    weight: torch.Tensor  # float64 mantissas
+    weights: list[torch.Tensor]  # float64 mantissas, per synapse
     bias: torch.Tensor  # int64, (*shape)
     v0: torch.Tensor  # int64, (*shape)
 
@@ -359,10 +391,19 @@ class _Compiled:
 def _compile(layer: FixedLayer, device: torch.device) -> _Compiled:
     return _Compiled(
         layer,
-        torch.as_tensor(layer.weight.astype(np.float64), device=device),
+        [torch.as_tensor(syn.weight.astype(np.float64), device=device) for syn in layer.synapses],
         torch.as_tensor(layer.bias(), device=device),
         torch.as_tensor(layer.v0.astype(np.int64), device=device),
     )
+
+
+def _add_steps(total: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """Sum of (L, B, ...) tensors whose L is 1 (constant input) or T."""
+    if total is None:
+        return y
+    if total.shape == y.shape:
+        return total.add_(y)
+    return total + y
 
 
 class Emulator:
@@ -391,11 +432,12 @@ class Emulator:
         self.input_max = 2**fixed.input_bits - 1
         self.last_use: dict[str | None, int] = {}
         for index, layer in enumerate(fixed.layers):
-            self.last_use[layer.source] = index
+            for source in layer.sources:
+                self.last_use[source] = index
         self.plans: list[_Plan] | None = None
         self.fallback: str | None = "arithmetic='int64'" if arithmetic == "int64" else None
         if arithmetic == "auto":
-            plans = [_plan(layer, self.input_max if layer.source is None else 1, self.device) for layer in fixed.layers]
+            plans = [_plan(layer, self.input_max, self.device) for layer in fixed.layers]
             missing = [layer.name for layer, p in zip(fixed.layers, plans, strict=True) if p is None]
             if missing:
                 self.fallback = f"layers {missing} exceed float64's exact range"
@@ -413,7 +455,7 @@ class Emulator:
             rows.append(
                 {
                     "layer": p.layer.name,
-                    "synapse": str(p.dtype).replace("torch.", ""),
+                    "synapse": "+".join(str(sp.dtype).replace("torch.", "") for sp in p.synapses),
                     "membrane": str(state).replace("torch.", ""),
                     "saturation_checks": checked,
                     "kernel_max": p.bounds.kernel_max,
@@ -424,7 +466,9 @@ class Emulator:
 
     def batch_size(self, steps: int) -> int:
         """A batch that keeps each (T, batch, population) tensor near BATCH_ELEMENTS elements."""
-        largest = max(max(layer.size, int(math.prod(layer.in_shape))) for layer in self.fixed.layers)
+        largest = max(
+            max(layer.size, *(int(math.prod(syn.in_shape)) for syn in layer.synapses)) for layer in self.fixed.layers
+        )
         budget = BATCH_ELEMENTS.get(self.device.type, BATCH_ELEMENTS["cuda"])
         return int(min(max(1, budget // (max(1, steps) * largest)), 4096))
 
@@ -442,43 +486,48 @@ class Emulator:
 
     # --------------------------------------------------------- fast path
 
-    def _synapse(self, p: _Plan, source: torch.Tensor) -> torch.Tensor:
+    def _synapse(self, sp: _SynapsePlan, layer: FixedLayer, source: torch.Tensor) -> torch.Tensor:
         """(L, B, *in_shape) payloads -> (L, B, *shape) kernel output y = S * 2**e (+ bias when folded)."""
-        layer = p.layer
+        syn = sp.synapse
         steps, batch = source.shape[:2]
-        x = source.reshape((steps * batch, *source.shape[2:])).to(p.dtype)
-        if layer.pool != (1, 1):
-            x = _sum_pool(x, layer.pool)
-        if layer.synapse == "conv":
+        x = source.reshape((steps * batch, *source.shape[2:])).to(sp.dtype)
+        if syn.pool != (1, 1):
+            x = _sum_pool(x, syn.pool)
+        if syn.kind == "conv":
             x = x.contiguous(memory_format=torch.channels_last)
-            top, left, bottom, right = layer.padding
+            top, left, bottom, right = syn.padding
             if (top, left) == (bottom, right):
                 padding: tuple[int, int] = (top, left)
             else:
                 x, padding = F.pad(x, (left, right, top, bottom)).contiguous(memory_format=torch.channels_last), (0, 0)
-            if _conv_backend(x, p.weight, p.kernel_bias, layer, padding) in EXACT_CONV_BACKENDS:
-                y = F.conv2d(x, p.weight, p.kernel_bias, layer.stride, padding, layer.dilation, layer.groups)
+            if _conv_backend(x, sp.weight, sp.kernel_bias, syn, padding) in EXACT_CONV_BACKENDS:
+                y = F.conv2d(x, sp.weight, sp.kernel_bias, syn.stride, padding, syn.dilation, syn.groups)
             else:  # pragma: no cover - a backend that may not only multiply and add
-                y = _conv_by_gemm(x, p.weight, p.kernel_bias, layer, padding)
+                y = _conv_by_gemm(x, sp.weight, sp.kernel_bias, syn, layer.shape, padding)
             y = y.contiguous(memory_format=torch.channels_last)
         else:
             if x.dim() == 4:  # channels-last memory order, matching the weight's rows
                 x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
             x = x.reshape(x.shape[0], -1)
-            y = torch.addmm(p.kernel_bias, x, p.weight) if p.kernel_bias is not None else x @ p.weight
+            y = torch.addmm(sp.kernel_bias, x, sp.weight) if sp.kernel_bias is not None else x @ sp.weight
             if len(layer.shape) == 3:
                 c, h, w = layer.shape
                 y = y.view(-1, h, w, c).permute(0, 3, 1, 2)
         return y.view((steps, batch, *layer.shape))
 
-    @staticmethod
-    def _finish(p: _Plan, y: torch.Tensor) -> torch.Tensor:
-        """Kernel output -> dendritic input u = floor(y + bias), in place."""
-        if p.bias is not None:
-            y.add_(p.bias)
-        if p.floor:
-            y.floor_()
-        return y
+    def _dendrite(self, p: _Plan, values: dict[str | None, torch.Tensor]) -> torch.Tensor:
+        """The dendritic input u = sum_k floor(y_k) + bias, (L, B, *shape) in the layer's dtype; L is 1
+        when every synapse comes from the (constant) input, else T."""
+        u: torch.Tensor | None = None
+        for index, sp in enumerate(p.synapses):
+            y = self._synapse(sp, p.layer, values[sp.synapse.source]).to(p.dtype)
+            if index == 0 and p.bias is not None:  # an integer: floor(y + b) = floor(y) + b
+                y.add_(p.bias)
+            if sp.floor:
+                y.floor_()
+            u = _add_steps(u, y)
+        assert u is not None
+        return u
 
     @staticmethod
     def _saturate(v: torch.Tensor, overflow: list[int], t: int) -> None:
@@ -496,11 +545,8 @@ class Emulator:
         spikes = _empty((steps, batch), p.layer.shape, torch.float32, self.device)
         overflow = [0] * steps
         constant = u.shape[0] == 1
-        if constant:
-            self._finish(p, u[0])
         for t in range(steps):
-            u_t = u[0] if constant else self._finish(p, u[t])
-            v.add_(u_t)
+            v.add_(u[0] if constant else u[t])
             if checked:
                 self._saturate(v, overflow, t)
             s_t = torch.ge(v, theta, out=spikes[t])
@@ -509,7 +555,7 @@ class Emulator:
 
     def _readout_fast(self, p: _Plan, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
         state, checked = p.state_dtype(steps)
-        u = self._finish(p, u).to(state)
+        u = u.to(state)
         overflow = [0] * steps
         if not checked:  # every partial sum is an accumulator value, |acc| <= V_MAX: exact
             acc = torch.cumsum(u.expand((steps, *u.shape[1:])), 0, dtype=state).add_(p.v0.to(state))
@@ -533,9 +579,8 @@ class Emulator:
         batch = x.shape[0]
         for index, p in enumerate(self.plans):
             layer = p.layer
-            u = self._synapse(p, values[layer.source])
-            if self.last_use.get(layer.source) == index:
-                values.pop(layer.source, None)
+            u = self._dendrite(p, values)
+            self._release(values, layer, index)
             if layer.kind == "if":
                 out, overflow = self._if_fast(p, u, steps)
                 del u
@@ -557,30 +602,43 @@ class Emulator:
 
     # --------------------------------------------------------- int64 path
 
-    def _synapse_chunk(self, c: _Compiled, x: torch.Tensor) -> torch.Tensor:
-        layer = c.layer
-        if layer.pool != (1, 1):
-            x = F.avg_pool2d(x, layer.pool, layer.pool, divisor_override=1)
-        if layer.synapse == "conv":
-            top, left, bottom, right = layer.padding
+    def _release(self, values: dict[str | None, torch.Tensor], layer: FixedLayer, index: int) -> None:
+        """Drop the sources whose last consumer is the layer at `index`."""
+        for source in layer.sources:
+            if self.last_use.get(source) == index:
+                values.pop(source, None)
+
+    @staticmethod
+    def _synapse_chunk(syn: FixedSynapse, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if syn.pool != (1, 1):
+            x = F.avg_pool2d(x, syn.pool, syn.pool, divisor_override=1)
+        if syn.kind == "conv":
+            top, left, bottom, right = syn.padding
             x = F.pad(x, (left, right, top, bottom))
             with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-                y = F.conv2d(x, c.weight, None, layer.stride, 0, layer.dilation, layer.groups)
+                y = F.conv2d(x, weight, None, syn.stride, 0, syn.dilation, syn.groups)
         else:
-            y = x.flatten(1) @ c.weight.T
+            y = x.flatten(1) @ weight.T
         y = torch.round(y).to(torch.int64)
-        if layer.weight_exp >= 0:
-            return y << layer.weight_exp
-        return y >> -layer.weight_exp
+        if syn.weight_exp >= 0:
+            return y << syn.weight_exp
+        return y >> -syn.weight_exp
 
-    def synapse(self, c: _Compiled, source: torch.Tensor) -> torch.Tensor:
-        """int64 path: (L, B, *in_shape) payloads -> (L, B, *shape) dendritic input plus bias (int64)."""
-        steps, batch = source.shape[:2]
-        flat = source.reshape((steps * batch, *source.shape[2:]))
-        per_item = max(int(np.prod(c.layer.in_shape)), c.layer.size)
-        chunk = max(1, CHUNK_ELEMENTS // per_item)
-        parts = [self._synapse_chunk(c, flat[i : i + chunk].to(torch.float64)) for i in range(0, flat.shape[0], chunk)]
-        return torch.cat(parts).reshape((steps, batch, *c.layer.shape)).add_(c.bias)
+    def synapse(self, c: _Compiled, values: dict[str | None, torch.Tensor]) -> torch.Tensor:
+        """int64 path: the sources' (L, B, *in_shape) payloads -> (L, B, *shape) dendritic input plus bias."""
+        total: torch.Tensor | None = None
+        for syn, weight in zip(c.layer.synapses, c.weights, strict=True):
+            source = values[syn.source]
+            steps, batch = source.shape[:2]
+            flat = source.reshape((steps * batch, *source.shape[2:]))
+            per_item = max(int(np.prod(syn.in_shape)), c.layer.size)
+            chunk = max(1, CHUNK_ELEMENTS // per_item)
+            parts = [
+                self._synapse_chunk(syn, weight, flat[i : i + chunk].to(torch.float64)) for i in range(0, flat.shape[0], chunk)
+            ]
+            total = _add_steps(total, torch.cat(parts).reshape((steps, batch, *c.layer.shape)))
+        assert total is not None
+        return total + c.bias
 
     @classmethod
     def _if_loop(cls, c: _Compiled, u: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -618,9 +676,8 @@ class Emulator:
         readout: torch.Tensor | None = None
         for index, c in enumerate(self.compiled):
             layer = c.layer
-            u = self.synapse(c, values[layer.source])
-            if self.last_use.get(layer.source) == index:
-                values.pop(layer.source, None)
+            u = self.synapse(c, values)
+            self._release(values, layer, index)
             if layer.kind == "if":
                 out, overflow = self._if_loop(c, u, steps)
                 values[layer.name] = out

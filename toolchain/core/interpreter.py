@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from toolchain.core import ir
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ToolchainError(f"--device {device!r}: not a torch device (use auto, cpu, cuda, cuda:1 ...)") from None
+        raise ToolchainError(f"{option('device', repr(device))}: not a torch device (use auto, cpu, cuda, cuda:1 ...)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ToolchainError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise ToolchainError(f"{option('device', device)}: CUDA is not available on this machine; use {option('device', 'cpu')}")
     return resolved
 
 

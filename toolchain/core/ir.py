@@ -275,7 +275,8 @@ def _pool_shape(shape: Shape, kernel: tuple[int, int], stride: tuple[int, int], 
     )
 
 
-def node_arrays(node: Node) -> dict[str, np.ndarray]:
+def node_arrays(node: Any) -> dict[str, np.ndarray]:
+    """A node's (or any dataclass's) array fields by name, in field order."""
     return {
         f.name: getattr(node, f.name)
         for f in dataclasses.fields(node)
@@ -286,12 +287,14 @@ def node_arrays(node: Node) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- artifact I/O
 
 
-def _node_to_json(node: Node) -> dict[str, Any]:
-    record: dict[str, Any] = {"op": node.op}
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
+def fields_record(item: Any, tensor_prefix: str) -> dict[str, Any]:
+    """A dataclass's fields as a JSON record: arrays become references `{"tensor": "PREFIX/field"}`
+    into the tensor file, tuples lists. Serves graph nodes here and the fixed-point IR's layers."""
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(item):
+        value = getattr(item, f.name)
         if isinstance(value, np.ndarray):
-            record[f.name] = {"tensor": f"{node.name}/{f.name}"}
+            record[f.name] = {"tensor": f"{tensor_prefix}/{f.name}"}
         elif isinstance(value, tuple):
             record[f.name] = list(value)
         else:
@@ -299,21 +302,8 @@ def _node_to_json(node: Node) -> dict[str, Any]:
     return record
 
 
-def _node_from_json(record: dict[str, Any], tensors: dict[str, np.ndarray]) -> Node:
-    cls = NODE_TYPES.get(record["op"])
-    if cls is None:
-        raise ToolchainError(f"unknown node op {record['op']!r} in artifact (written by a newer toolchain?)")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in record:
-            continue
-        value = record[f.name]
-        if isinstance(value, dict) and "tensor" in value:
-            value = tensors[value["tensor"]]
-        elif isinstance(value, list) and f.name != "inputs":
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+def _node_to_json(node: Node) -> dict[str, Any]:
+    return {"op": node.op, **fields_record(node, node.name)}
 
 
 def graph_to_json(graph: Graph) -> dict[str, Any]:
@@ -334,24 +324,23 @@ def graph_tensors(graph: Graph) -> dict[str, np.ndarray]:
 
 def save_graph(graph: Graph, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the artifact atomically: into a temporary sibling, then renamed into place."""
-    from toolchain.fileio import atomic_directory, pack_document
+    from toolchain.fileio import atomic_directory
 
-    files = pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
-    files.update(extra_files or {})
-    return atomic_directory(Path(directory), files, GRAPH_FILE)
+    return atomic_directory(Path(directory), {**graph_files(graph), **(extra_files or {})}, GRAPH_FILE)
+
+
+def graph_files(graph: Graph) -> dict[str, bytes]:
+    """The two files that store a Graph: graph.json and tensors.npz."""
+    from toolchain.fileio import pack_document
+
+    return pack_document(graph_to_json(graph), graph_tensors(graph), GRAPH_FILE, TENSORS_FILE)
 
 
 def load_graph(directory: str | Path) -> Graph:
+    from toolchain.core.schema import check_graph_document
     from toolchain.fileio import read_document
 
     document, tensors = read_document(
         Path(directory), GRAPH_FILE, TENSORS_FILE, SCHEMA_VERSION, "not a toolchain artifact; run `toolchain build` first"
     )
-    return Graph(
-        input_name=document["input_name"],
-        input_shape=tuple(document["input_shape"]),
-        nodes=[_node_from_json(r, tensors) for r in document["nodes"]],
-        output=document["output"],
-        preprocess=Preprocess(**document["preprocess"]),
-        meta=document.get("meta", {}),
-    )
+    return check_graph_document(Path(directory) / GRAPH_FILE, document, tensors)  # types, shapes, ranges

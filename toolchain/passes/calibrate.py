@@ -31,7 +31,7 @@ import torch
 
 from toolchain.core import ir
 from toolchain.core.interpreter import OPS, CompiledNode, TorchExecutor, channel_view
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ThresholdSpec:
             return cls(text, per_channel=per_channel)
         match = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?|100)", text)
         if not match or not 0 < float(match.group(1)) <= 100:
-            raise ToolchainError(f"--threshold {text!r}: use auto, ceiling, max or pXX.XX (for example p99.99)")
+            raise ToolchainError(f"{option('threshold', repr(text))}: use auto, ceiling, max or pXX.XX (for example p99.99)")
         return cls("percentile", float(match.group(1)), per_channel)
 
     def describe(self) -> str:
@@ -107,15 +107,15 @@ def compute_thresholds(
         if spec.method == "ceiling":
             if node.ceiling is None:
                 raise ToolchainError(
-                    f"node {node.name!r} (Relu) has no trained ceiling, so --threshold ceiling cannot apply; "
-                    "use --threshold auto, max or p99.99 with --calib DATA"
+                    f"node {node.name!r} (Relu) has no trained ceiling, so {option('threshold', 'ceiling')} cannot apply; "
+                    f"use {option('threshold', 'auto, max or p99.99')} with {option('calib', 'DATA')}"
                 )
             result.values[node.name] = np.asarray(node.ceiling, np.float32).reshape(-1)
             result.source[node.name] = "ceiling"
         else:
             data_layers.append(node)
     if data_layers:
-        _require_data(data_layers, batches, f"--threshold {spec.describe()} takes thresholds from data")
+        _require_data(data_layers, batches, f"{option('threshold', spec.describe())} takes thresholds from data")
         assert batches is not None
         percentile = 100.0 if spec.method == "max" else spec.percentile
         stats = _percentile_thresholds(graph, data_layers, batches, num_samples, percentile, spec.per_channel, device)
@@ -163,7 +163,7 @@ def _auto_thresholds(
 def _require_data(layers: list[ir.Relu], batches: Iterable[np.ndarray] | None, why: str) -> None:
     if batches is None:
         names = ", ".join(n.name for n in layers[:3])
-        raise ToolchainError(f"activations {names}: {why}, so thresholds need calibration data; pass --calib DATA")
+        raise ToolchainError(f"activations {names}: {why}, so thresholds need calibration data; pass {option('calib', 'DATA')}")
 
 
 def _checked(result: Thresholds) -> Thresholds:

@@ -42,8 +42,9 @@ import torch
 
 from toolchain.core import ir
 from toolchain.core.interpreter import OPS, CompiledNode, TorchExecutor, channel_view, if_scan
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.passes.calibrate import V0_MEMORY_BUDGET, _correct_channel_means, _search_fraction, v0_samples
+from toolchain.passes.quantize import row_raise, unit_threshold_peaks
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
-        raise ToolchainError(f"--calibrate {text!r}: use auto, none, or a comma-separated list of {', '.join(METHODS)}")
+        raise ToolchainError(f"{option('calibrate', text)}: use auto, none, or a comma-separated list of {', '.join(METHODS)}")
     return tuple(m for m in METHODS if m in chosen)
 
 
@@ -103,6 +104,7 @@ def calibrate_for_latency(
     methods: tuple[str, ...],
     device: str = "auto",
     memory_budget: int = V0_MEMORY_BUDGET,
+    row_ratio: float | None = None,
 ) -> LatencyCalibration:
     """Fits thresholds, input biases and/or v0 of the IF layers named in `layers` to the ANN at `steps`.
 
@@ -135,7 +137,7 @@ def calibrate_for_latency(
                     if ann_last_use.get(name) == ann_index[node.name]:
                         ann_values.pop(name, None)
             if isinstance(node, ir.IFNeuron) and node.name in layers and target is not None:
-                args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report)]
+                args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report, row_ratio)]
             elif isinstance(node, ir.Readout) and "bias" in methods and layers:
                 ann_logits = ann_values[node.inputs[0]][0]
                 if _correct_readout(snn, node, args[0], ann_logits, report):
@@ -171,6 +173,7 @@ def _calibrate_layer(
     steps: int,
     methods: tuple[str, ...],
     report: LatencyCalibration,
+    row_ratio: float | None = None,
 ) -> torch.Tensor:
     """Calibrates one IF layer; returns its (possibly offset) input current for the run to go on with."""
     node: ir.IFNeuron = compiled.node  # type: ignore[assignment]
@@ -184,6 +187,15 @@ def _calibrate_layer(
     def error(out: torch.Tensor) -> torch.Tensor:
         return ((out - target) ** 2).mean(dim=dims)
 
+    peaks = _unit_peaks(snn, node.name) if row_ratio else None
+
+    def feasible(trial: torch.Tensor) -> torch.Tensor:
+        """`trial` as the fixed-point mapping will hold it (channels far below the others raised)."""
+        if peaks is None:
+            return trial
+        factor = row_raise(peaks / trial.cpu().numpy().astype(np.float64), row_ratio)  # type: ignore[arg-type]
+        return trial * torch.as_tensor(factor, dtype=trial.dtype, device=trial.device)
+
     row["mse_before"] = float(error(_output_mean(current, theta, theta * fraction, None, steps)).mean())
     synapse = _bias_synapse(snn, node) if "bias" in methods else None
     if "threshold" in methods:
@@ -196,7 +208,7 @@ def _calibrate_layer(
             if trials is None:  # the finer grid around each channel's best coarse scale
                 trials = [best_scale * factor for factor in THRESHOLD_REFINE]
             for scale in trials:
-                trial = base * scale
+                trial = feasible(base * scale)
                 out = _output_mean(current, trial, trial * fraction, None, steps)
                 if synapse is not None:
                     out = _output_mean(current, trial, trial * fraction, (target - out).mean(dim=dims), steps)
@@ -204,7 +216,7 @@ def _calibrate_layer(
                 better = err < best_error - 1e-12
                 best_error = torch.where(better, err, best_error)
                 best_scale = torch.where(better, scale, best_scale)
-        theta = base * best_scale
+        theta = feasible(base * best_scale)
         row["threshold_scale_mean"] = round(float(best_scale.mean()), 4)
     offset = None
     if "bias" in methods:
@@ -232,6 +244,13 @@ def _calibrate_layer(
     )
     report.layers[node.name] = row
     return current
+
+
+def _unit_peaks(snn: ir.Graph, layer: str) -> np.ndarray | None:
+    try:
+        return unit_threshold_peaks(snn, layer)
+    except ToolchainError:  # a structure the fixed-point mapping refuses: quantize() will say so
+        return None
 
 
 def _readout_offsets(spikes_in: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,16 @@
 Every `Relu` becomes an `IFNeuron` with reset by subtraction whose threshold is the
 calibrated theta and whose initial potential is 0, theta/2 or a searched fraction of
 theta. The last layer does not spike: a `Readout` accumulates it over time. Max pooling
-becomes a spiking max-pool (default), an average pool (changes the ANN; warned about),
-or an error, as the user chooses.
+becomes a spiking max-pool (the float default), a tree of IF neurons that a chip's
+synapses can run (`relu`, the fixed-point default), an average pool (changes the ANN;
+warned about), or an error, as the user chooses.
+
+The `relu` max-pool uses max(a, b) = b + relu(a - b), exact in the ANN: each window's cells
+are picked out of the source population by one-hot depthwise convolutions, and pairs are
+reduced by IF neurons fed with a - b (threshold and v0 those of the source channel, so that
+relu(a - b) <= a never clips), the partial max b + r staying a linear expression that the
+next synapse folds in. A k-cell window costs k - 1 IF neurons per output, in ceil(log2 k)
+layers; only conversion error is added.
 """
 
 from __future__ import annotations
@@ -16,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolchain.core import ir
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 from toolchain.passes.calibrate import Thresholds
 
 log = logging.getLogger(__name__)
 
-MAXPOOL_POLICIES = ("spiking", "avg", "error")
+MAXPOOL_POLICIES = ("spiking", "relu", "avg", "error")
 V0_MODES = ("zero", "half", "optimal")
 
 
@@ -36,12 +44,13 @@ def replace_maxpool(graph: ir.Graph, policy: str) -> ir.Graph:
     if policy not in MAXPOOL_POLICIES:
         raise ToolchainError(f"maxpool={policy!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
     pools = [n for n in graph.nodes if isinstance(n, ir.MaxPool2d)]
-    if not pools or policy == "spiking":
+    if not pools or policy in ("spiking", "relu"):  # both keep the ANN's max-pool (convert builds the SNN's)
         return graph
     if policy == "error":
         raise ToolchainError(
-            f"node {pools[0].name!r} (MaxPool): max pooling refused by --maxpool error; "
-            "use --maxpool spiking (spiking max-pool) or --maxpool avg (average pooling, changes the ANN)"
+            f"node {pools[0].name!r} (MaxPool): max pooling refused by {option('maxpool', 'error')}; "
+            f"use {option('maxpool', 'spiking')} (spiking max-pool), relu (IF neurons, runs on the chip) or avg "
+            "(average pooling, changes the ANN)"
         )
     graph = copy.deepcopy(graph)
     for index, node in enumerate(graph.nodes):
@@ -60,6 +69,8 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
         raise ToolchainError(f"v0={options.v0!r}: choose one of {', '.join(V0_MODES)}")
     if ann.is_snn:
         raise ToolchainError("the graph is already an SNN")
+    if options.maxpool not in MAXPOOL_POLICIES:
+        raise ToolchainError(f"maxpool={options.maxpool!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
     fraction = 0.0 if options.v0 == "zero" else 0.5
     nodes: list[ir.Node] = []
     for node in ann.nodes:
@@ -68,6 +79,14 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
                 raise ToolchainError(f"node {node.name!r} (Relu): no threshold was computed for it")
             theta = np.asarray(thresholds.values[node.name], np.float32).reshape(-1)
             nodes.append(ir.IFNeuron(node.name, list(node.inputs), node.shape, threshold=theta, v0=theta * fraction))
+        elif isinstance(node, ir.MaxPool2d) and options.maxpool == "relu":
+            source = next((n for n in nodes if n.name == node.inputs[0]), None)
+            if not isinstance(source, ir.IFNeuron):
+                raise ToolchainError(
+                    f"node {node.name!r} (MaxPool): {option('maxpool', 'relu')} needs a ReLU directly before the "
+                    f"max-pool (spikes to compare); use {option('maxpool', 'spiking')} or avg for this model"
+                )
+            nodes.extend(relu_maxpool(node, source, fraction))
         else:
             nodes.append(copy.deepcopy(node))
     readout = ir.Readout(f"{ann.output}/readout", [ann.output], ann.shape_of(ann.output))
@@ -79,6 +98,49 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
         "threshold_source": dict(thresholds.source),
     }
     return ir.Graph(ann.input_name, ann.input_shape, nodes, readout.name, copy.deepcopy(ann.preprocess), meta)
+
+
+def relu_maxpool(pool: ir.MaxPool2d, source: ir.IFNeuron, fraction: float) -> list[ir.Node]:
+    """The max-pool over `source`'s spikes as IF neurons and linear ops: max(a, b) = b + relu(a - b).
+
+    The last node keeps the pool's name (and shape), so its consumers are unchanged."""
+    channels = int(source.shape[0])
+    kh, kw = pool.kernel
+    theta = np.broadcast_to(np.asarray(source.threshold, np.float32).reshape(-1), (channels,)).copy()
+    made: list[ir.Node] = []
+    partial: list[str] = []
+    for a in range(kh):
+        for b in range(kw):
+            one_hot = np.zeros((channels, 1, kh, kw), np.float32)
+            one_hot[:, 0, a, b] = 1
+            cell = ir.Conv2d(
+                f"{pool.name}/cell{a}_{b}", [source.name], pool.shape, weight=one_hot,
+                stride=tuple(pool.stride), padding=tuple(pool.padding), groups=channels,
+            )
+            made.append(cell)
+            partial.append(cell.name)
+    level = 0
+    while len(partial) > 1:
+        merged = []
+        for index in range(0, len(partial) - 1, 2):
+            first, second = partial[index], partial[index + 1]
+            tag = f"{pool.name}/max{level}_{index // 2}"
+            last = len(partial) == 2
+            made += [
+                ir.ScaleShift(f"{tag}/neg", [second], pool.shape, scale=-np.ones(channels, np.float32),
+                              shift=np.zeros(channels, np.float32)),
+                ir.Add(f"{tag}/diff", [first, f"{tag}/neg"], pool.shape),
+                ir.IFNeuron(f"{tag}/relu", [f"{tag}/diff"], pool.shape, threshold=theta, v0=theta * fraction),
+                ir.Add(pool.name if last else tag, [second, f"{tag}/relu"], pool.shape),
+            ]
+            merged.append(made[-1].name)
+        if len(partial) % 2:
+            merged.append(partial[-1])
+        partial = merged
+        level += 1
+    if partial[0] != pool.name:  # a 1-cell window: the cell itself
+        made.append(ir.Add(pool.name, [partial[0]], pool.shape))
+    return made
 
 
 def ann_view(snn: ir.Graph) -> ir.Graph:

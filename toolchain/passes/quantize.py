@@ -1,8 +1,10 @@
 """Float SNN IR -> Loihi-style fixed-point IR (`toolchain.core.fixed.FixedGraph`).
 
-Everything between two populations in the float graph (average pooling, flatten,
-linear/conv maps, per-channel scale-shifts, consecutive linear maps) is folded into
-the one synapse of a fixed-point layer. The arithmetic the result means is described
+Everything between populations in the float graph (average pooling, flatten,
+linear/conv maps, per-channel scale-shifts, consecutive linear maps, residual Adds,
+channel Concats) is folded into the synapses of a fixed-point layer: the linear map
+from each source population (or the input) along each path of the float graph
+becomes one synapse, and the layer's dendritic input is their sum. The arithmetic the result means is described
 in `toolchain.core.fixed`; this pass chooses its numbers.
 
 Scheme
@@ -13,15 +15,17 @@ Scheme
   the input channel. The normalised weights `W'` are then scaled by one integer
   threshold `threshold` (Theta) per population: `W' * Theta ~= q * 2**weight_exp`
   with signed mantissas `q` in [-127, 127] (8 bits; -128 is not used so that
-  Lava's sign-mode clipping of `2*q` is exact for every sign mode). `weight_exp`
-  is chosen so that Theta lands in [2**threshold_bits, 2**(threshold_bits+1)).
+  Lava's sign-mode clipping of `2*q` is exact for every sign mode). The synapse
+  with the largest normalised weight fixes `weight_exp` so that Theta lands in
+  [2**threshold_bits, 2**(threshold_bits+1)); every other synapse of the layer
+  takes the smallest exponent that fits its own weights at that Theta.
   One weight scale per population leaves a channel with a tiny float threshold
   (huge normalised weights) starving the others of bits, so channels whose
   largest normalised weight exceeds `max_row_ratio` times the median channel's
   get their threshold and v0 raised to fit (the next layer compensates exactly;
   reported as `raised_channels` in the layer stats).
-* **Biases.** With a negative weight exponent the synapse floors; the bias then
-  gets +1/2 unit to cancel the floor's mean error. The input offset's
+* **Biases.** With a negative weight exponent a synapse floors; the bias then
+  gets +1/2 unit per such synapse to cancel the floors' mean error. The input offset's
   contribution `W @ input_offset` is folded into the first layer's bias, so the
   first synapse sees only non-negative payloads. With the default input range
   (raw uint8 pixels through the graph's `Preprocess`) the graded input spike is
@@ -29,18 +33,23 @@ Scheme
 * **Initial potentials.** `v0` an integer per neuron, from the IR's v0 (e.g. theta/2).
 * **Delays.** The float semantics are reproduced exactly by resetting each
   population to v0 at its own depth (`FixedGraph.depth`).
-* **Folding.** Between two populations: scale-shifts (per channel), at most one
-  leading non-overlapping average pool (kept as the sum-pool), then one conv
-  ("conv" synapse); any other linear chain (flatten, linear maps, overlapping or
-  padded pools, several convs) is probed into a "dense" matrix (up to
-  `max_dense_weights` entries). Biases, shifts and the input offset are probed
-  into a per-neuron bias. The float chain is evaluated by the one interpreter of
-  the op semantics (`toolchain.core.interpreter`) in float64.
+* **Folding.** Along one path from a source: scale-shifts (per channel), channel
+  placements of Concats, at most one leading non-overlapping average pool (kept as
+  the sum-pool), then at most one conv ("conv" synapse; with a Concat on the path its
+  groups are expanded and its weights sliced or placed; two convolutions in a row, as
+  a max-pool's picked cell and the next conv, compose into one where that is exact);
+  synapses from one source with one geometry are merged; any other linear chain
+  (flatten, linear maps, overlapping or padded pools, several convs) is probed into a
+  "dense" matrix (up to `max_dense_weights` entries). Biases, shifts and the input
+  offset are probed into a per-neuron bias by evaluating the float graph between the
+  layer and its sources with the sources at their base values. The float ops are
+  evaluated by the one interpreter of the op semantics (`toolchain.core.interpreter`)
+  in float64.
 
 The quantiser refuses values that cannot fit the 24-bit membrane (bias, v0,
 threshold) and reports per layer a conservative number of steps that is guaranteed
-overflow-free (`safe_steps`). Unsupported structures (residual `Add`, `Concat`,
-spiking `MaxPool2d`) raise `ToolchainError` naming the node.
+overflow-free (`safe_steps`). A spiking `MaxPool2d` (no synapse can express it; convert
+with `--maxpool relu` or `avg`) raises `ToolchainError` naming the node.
 """
 
 from __future__ import annotations
@@ -60,11 +69,13 @@ from toolchain.core.fixed import (
     WEIGHT_EXP_RANGE,
     FixedGraph,
     FixedLayer,
+    FixedSynapse,
     Shape,
     channel_scalar_or_vector,
     per_channel,
+    synapse_range,
 )
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, option
 
 
 def _pool_shape(shape: Shape, pool: tuple[int, int]) -> Shape:
@@ -78,74 +89,104 @@ def _fail_unsupported(node: ir.Node) -> None:
     if isinstance(node, ir.MaxPool2d):
         raise ToolchainError(
             f"node {node.name!r} is a spiking max-pool, which Loihi synapses cannot express; "
-            "rebuild with `--maxpool avg` (average pooling) for the loihi/lava targets"
-        )
-    if isinstance(node, ir.Add):
-        raise ToolchainError(
-            f"node {node.name!r} is a residual Add; the loihi/lava targets support only feed-forward chains "
-            "(conv/linear/avgpool/flatten between neuron layers); use a model without residual connections "
-            "or the torch target"
-        )
-    if isinstance(node, ir.Concat):
-        raise ToolchainError(
-            f"node {node.name!r} concatenates branches; the loihi/lava targets support only feed-forward chains; "
-            "use the torch target for this model"
+            f"rebuild with `{option('maxpool', 'relu')}` (the max from IF neurons, max(a, b) = b + relu(a - b)) "
+            f"or `{option('maxpool', 'avg')}` (average pooling) for the loihi/lava targets"
         )
     if isinstance(node, ir.Relu):
         raise ToolchainError(f"node {node.name!r} is a ReLU: quantize a converted SNN graph, not the ANN")
 
 
 @dataclass
-class _Chain:
+class _Embed:
+    """The channel placement of one Concat input: its channels land at `offset` of `total`."""
+
+    name: str
+    offset: int
+    total: int
+    shape: Shape  # the Concat's output shape
+    op: str = "embed"
+
+
+@dataclass
+class _Term:
+    """One path from a source population (None: the network input) through linear ops."""
+
+    source: str | None
+    ops: list[Any]  # ir nodes and _Embed, nearest the source first
+
+
+@dataclass
+class _Population:
     target: ir.Node
-    source: str | None  # IF node name or None (network input)
-    nodes: list[ir.Node]
+    terms: list[_Term]
+    nodes: list[ir.Node]  # every float node between the population and its sources, in graph order
 
 
-def _chains(graph: ir.Graph) -> list[_Chain]:
-    """For every population node, the linear ops between it and its source population."""
+LINEAR_OPS = (ir.Conv2d, ir.Linear, ir.AvgPool2d, ir.Flatten, ir.ScaleShift)
+
+
+def _populations(graph: ir.Graph) -> list[_Population]:
+    """For every population node, the paths of linear ops from each of its sources."""
     by_name = {n.name: n for n in graph.nodes}
     for n in graph.nodes:
         _fail_unsupported(n)
     readouts = [n for n in graph.nodes if isinstance(n, ir.Readout)]
     if len(readouts) != 1 or readouts[0].name != graph.output:
         raise ToolchainError("the SNN graph must end in exactly one Readout node (its output); convert it first")
-    chains: list[_Chain] = []
-    used: dict[str, str] = {}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    memo: dict[str, list[_Term]] = {}
+
+    def terms(name: str) -> list[_Term]:
+        if name == graph.input_name:
+            return [_Term(None, [])]
+        node = by_name[name]
+        if isinstance(node, ir.IFNeuron):
+            return [_Term(name, [])]
+        if name in memo:
+            return memo[name]
+        if isinstance(node, LINEAR_OPS):
+            result = [_Term(t.source, [*t.ops, node]) for t in terms(node.inputs[0])]
+        elif isinstance(node, ir.Add):
+            result = [t for i in node.inputs for t in terms(i)]
+        elif isinstance(node, ir.Concat):
+            result, offset = [], 0
+            for index, i in enumerate(node.inputs):
+                embed = _Embed(f"{node.name}[{index}]", offset, int(node.shape[0]), tuple(node.shape))
+                result += [_Term(t.source, [*t.ops, embed]) for t in terms(i)]
+                offset += int(by_name[i].shape[0]) if i != graph.input_name else int(graph.input_shape[0])
+        else:
+            raise ToolchainError(
+                f"node {node.name!r} ({node.op}) cannot be lowered to a Loihi synapse; only conv2d, linear, avgpool2d, "
+                "flatten, affine, add and concat may sit between neuron layers"
+            )
+        memo[name] = result
+        return result
+
+    def between(name: str, seen: set[str]) -> None:
+        if name == graph.input_name or name in seen or isinstance(by_name[name], ir.IFNeuron):
+            return
+        seen.add(name)
+        for i in by_name[name].inputs:
+            between(i, seen)
+
+    populations = []
     for node in graph.nodes:
         if not isinstance(node, (ir.IFNeuron, ir.Readout)):
             continue
         if len(node.inputs) != 1:
             raise ToolchainError(f"node {node.name!r} has {len(node.inputs)} inputs; expected one")
-        nodes: list[ir.Node] = []
-        current = node.inputs[0]
-        while current != graph.input_name and not isinstance(by_name[current], ir.IFNeuron):
-            op = by_name[current]
-            if not isinstance(op, (ir.Conv2d, ir.Linear, ir.AvgPool2d, ir.Flatten, ir.ScaleShift)):
-                raise ToolchainError(
-                    f"node {op.name!r} ({op.op}) cannot be lowered to a Loihi synapse; "
-                    "only conv2d, linear, avgpool2d, flatten and affine may sit between neuron layers"
-                )
-            if len(op.inputs) != 1:
-                raise ToolchainError(f"node {op.name!r} has {len(op.inputs)} inputs; the loihi/lava targets need chains")
-            if current in used:
-                raise ToolchainError(
-                    f"node {op.name!r} feeds both {used[current]!r} and {node.name!r}; the loihi/lava targets "
-                    "need each synapse op to feed one neuron layer"
-                )
-            used[current] = node.name
-            nodes.append(op)
-            current = op.inputs[0]
-        nodes.reverse()
-        chains.append(_Chain(node, None if current == graph.input_name else current, nodes))
-    return chains
+        seen: set[str] = set()
+        between(node.inputs[0], seen)
+        nodes = sorted((by_name[n] for n in seen), key=lambda n: order[n.name])
+        populations.append(_Population(node, terms(node.inputs[0]), nodes))
+    return populations
 
 
 # ------------------------------------------------------ float chain (torch, lazily)
 
 
-def _apply_chain(nodes: list[ir.Node], x: Any, linear_only: bool) -> Any:
-    """Apply the float ops of a chain to a float64 torch batch (N, *shape), through the one
+def _apply_chain(nodes: list[Any], x: Any, linear_only: bool) -> Any:
+    """Apply the float ops of a path to a float64 torch batch (N, *shape), through the one
     interpreter of the op semantics (one time step).
 
     `linear_only` drops biases and scale-shift offsets (the chain's linear part)."""
@@ -155,6 +196,11 @@ def _apply_chain(nodes: list[ir.Node], x: Any, linear_only: bool) -> Any:
 
     y = x.unsqueeze(0)  # the interpreter's leading time axis: one step
     for n in nodes:
+        if isinstance(n, _Embed):  # zeros around the channels of this Concat input
+            placed = y.new_zeros((*y.shape[:2], n.total, *y.shape[3:]))
+            placed[:, :, n.offset : n.offset + y.shape[2]] = y
+            y = placed
+            continue
         tensors = {k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in ir.node_arrays(n).items()}
         if linear_only:
             tensors.pop("bias", None)
@@ -162,6 +208,30 @@ def _apply_chain(nodes: list[ir.Node], x: Any, linear_only: bool) -> Any:
                 tensors["shift"] = torch.zeros_like(tensors["shift"])
         y = OPS[n.op](CompiledNode(n, tensors), [y], 1)
     return y[0]
+
+
+def _base_value(graph: ir.Graph, population: _Population, base_input: np.ndarray) -> np.ndarray:
+    """The population's float input with every source population silent and the input at
+    `base_input` (its lowest value): the constant part of the dendritic input, biases, shifts and the
+    input offset included, evaluated along the float graph (so shared ops count once)."""
+    import torch
+
+    from toolchain.core.interpreter import OPS, CompiledNode
+
+    values: dict[str, Any] = {graph.input_name: torch.as_tensor(base_input[None, None])}
+
+    def value(name: str) -> Any:
+        if name not in values:
+            node = graph.node(name)
+            if isinstance(node, ir.IFNeuron):
+                values[name] = torch.zeros((1, 1, *node.shape), dtype=torch.float64)
+            else:
+                tensors = {k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in ir.node_arrays(node).items()}
+                values[name] = OPS[node.op](CompiledNode(node, tensors), [value(i) for i in node.inputs], 1)
+        return values[name]
+
+    with torch.inference_mode():
+        return value(population.target.inputs[0])[0, 0].numpy()
 
 
 def _dense_matrix(nodes: list[ir.Node], in_shape: Shape, max_entries: int, target: str) -> np.ndarray:
@@ -188,28 +258,32 @@ def _dense_matrix(nodes: list[ir.Node], in_shape: Shape, max_entries: int, targe
     return torch.cat(columns).T.contiguous().numpy()
 
 
-def _chain_out_shape(nodes: list[ir.Node], in_shape: Shape) -> Shape:
+def _chain_out_shape(nodes: list[Any], in_shape: Shape) -> Shape:
     return tuple(nodes[-1].shape) if nodes else tuple(in_shape)
 
 
 @dataclass
 class _Synapse:
+    source: str | None
     synapse: str
     weight: np.ndarray  # float64, normalised later
+    in_shape: Shape
     pool: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    nodes: tuple[str, ...] = ()
 
 
-def _split_pool(nodes: list[ir.Node], in_shape: Shape) -> tuple[tuple[int, int], list[ir.Node]]:
-    """Take a leading non-overlapping average pool (after any affines) out of the chain as a sum-pool.
+def _split_pool(nodes: list[Any], in_shape: Shape) -> tuple[tuple[int, int], list[Any]]:
+    """Take a leading non-overlapping average pool (after any affines or channel placements) out of
+    the path as a sum-pool.
 
-    Per-channel affines commute with pooling, so they may sit before it. Returns the pool
-    kernel and the rest of the chain (to be applied to the *averaged* pooled input)."""
+    Per-channel affines and channel placements commute with pooling, so they may sit before it.
+    Returns the pool kernel and the rest of the path (to be applied to the *averaged* pooled input)."""
     for index, n in enumerate(nodes):
-        if isinstance(n, ir.ScaleShift):
+        if isinstance(n, (ir.ScaleShift, _Embed)):
             continue
         if isinstance(n, ir.AvgPool2d) and len(in_shape) == 3 and tuple(n.kernel) == tuple(n.stride) and not any(n.padding):
             return tuple(n.kernel), nodes[:index] + nodes[index + 1 :]  # type: ignore[return-value]
@@ -217,54 +291,242 @@ def _split_pool(nodes: list[ir.Node], in_shape: Shape) -> tuple[tuple[int, int],
     return (1, 1), nodes
 
 
-def _lower_chain(chain: _Chain, in_shape: Shape, max_entries: int) -> _Synapse:
-    """The chain's linear part as a conv or dense synapse acting on the sum-pooled source."""
-    pool, rest = _split_pool(chain.nodes, in_shape)
+def _ungroup(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped conv's (C_out, C_in/groups, kh, kw) kernel as the equivalent groups=1 kernel."""
+    if groups == 1:
+        return weight
+    c_out, c_in_group = weight.shape[:2]
+    full = np.zeros((c_out, c_in_group * groups, *weight.shape[2:]))
+    for o in range(c_out):
+        g = o // (c_out // groups)
+        full[o, g * c_in_group : (g + 1) * c_in_group] = weight[o]
+    return full
+
+
+def _channel_map(ops: list[Any], channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Where each of `channels` channels lands through per-channel affines and channel placements,
+    and the product of the scales it meets: (index, scale, channels at the end)."""
+    index, scale, count = np.arange(channels), np.ones(channels), channels
+    for n in ops:
+        if isinstance(n, _Embed):
+            index, count = index + n.offset, n.total
+        else:
+            scale = scale * np.broadcast_to(np.asarray(n.scale, np.float64).reshape(-1), (count,))[index]
+    return index, scale, count
+
+
+def _compose(first: ir.Conv2d, second: ir.Conv2d, in_shape: Shape) -> ir.Conv2d | None:
+    """Two convolutions in a row as one (linear parts only), where that is exact: None when the
+    second one's zero padding would stand for input cells the first one reads (a first conv whose
+    windows overlap its padding or leave a remainder), or the first one dilates."""
+    if tuple(first.dilation) != (1, 1):
+        return None
+    c_in, h, w = in_shape
+    _, h1, w1 = first.shape
+    k1h, k1w = first.weight.shape[2:]
+    s1h, s1w = first.stride
+    t1, l1, b1, r1 = first.padding
+    if k1h - 1 - s1h - t1 >= 0 or k1w - 1 - s1w - l1 >= 0 or s1h * h1 - t1 < h or s1w * w1 - l1 < w:
+        return None
+    w1_full = _ungroup(np.asarray(first.weight, np.float64), first.groups)  # (mid, c_in, k1h, k1w)
+    w2_full = _ungroup(np.asarray(second.weight, np.float64), second.groups)  # (out, mid, k2h, k2w)
+    k2h, k2w = w2_full.shape[2:]
+    d2h, d2w = second.dilation
+    kh, kw = (k2h - 1) * d2h * s1h + k1h, (k2w - 1) * d2w * s1w + k1w
+    kernel = np.zeros((w2_full.shape[0], c_in, kh, kw))
+    for u in range(k2h):
+        for v in range(k2w):
+            tap = np.einsum("om,mcab->ocab", w2_full[:, :, u, v], w1_full)
+            kernel[:, :, s1h * d2h * u : s1h * d2h * u + k1h, s1w * d2w * v : s1w * d2w * v + k1w] += tap
+    t2, l2, _, _ = second.padding
+    top, left = s1h * t2 + t1, s1w * l2 + l1
+    stride = (s1h * second.stride[0], s1w * second.stride[1])
+    _, h2, w2 = second.shape
+    bottom = max(0, stride[0] * (h2 - 1) + kh - top - h)
+    right = max(0, stride[1] * (w2 - 1) + kw - left - w)
+    fused = ir.Conv2d(
+        f"{first.name}+{second.name}", [], tuple(second.shape), weight=kernel, stride=stride, padding=(top, left, bottom, right)
+    )
+    return fused
+
+
+def _fuse_convs(ops: list[Any], in_shape: Shape) -> list[Any]:
+    """Consecutive convolutions on a path (per-channel affines between them folded into the first's
+    output channels) composed into one where exact (`_compose`), so the path stays a conv synapse."""
+    ops = list(ops)
+    shape = tuple(in_shape)
+    index = 0
+    while index < len(ops):
+        n = ops[index]
+        if isinstance(n, ir.Conv2d):
+            between = index + 1
+            while between < len(ops) and isinstance(ops[between], ir.ScaleShift):
+                between += 1
+            if between < len(ops) and isinstance(ops[between], ir.Conv2d):
+                first = n
+                scales = ops[index + 1 : between]
+                if scales:
+                    weight = np.asarray(n.weight, np.float64).copy()
+                    for a in scales:
+                        scale = np.broadcast_to(np.asarray(a.scale, np.float64).reshape(-1), (weight.shape[0],))
+                        weight *= scale[:, None, None, None]
+                    first = ir.Conv2d(
+                        n.name,
+                        n.inputs,
+                        n.shape,
+                        weight=weight,
+                        stride=n.stride,
+                        padding=n.padding,
+                        dilation=n.dilation,
+                        groups=n.groups,
+                    )
+                fused = _compose(first, ops[between], shape)
+                if fused is not None:
+                    ops[index : between + 1] = [fused]
+                    continue
+        shape = tuple(n.shape) if not isinstance(n, _Embed) else n.shape
+        index += 1
+    return ops
+
+
+def _merge_synapses(synapses: list[_Synapse]) -> list[_Synapse]:
+    """Synapses from one source with one geometry (the two cells of a max-pool's a - b, two paths
+    through the same shortcut) as one, their float weights summed: fewer connections, one rounding."""
+    merged: dict[tuple[Any, ...], _Synapse] = {}
+    for syn in synapses:
+        key = (
+            syn.source,
+            syn.synapse,
+            syn.in_shape,
+            syn.pool,
+            syn.stride,
+            syn.padding,
+            syn.dilation,
+            syn.groups,
+            syn.weight.shape,
+        )
+        if key in merged:
+            first = merged[key]
+            merged[key] = _Synapse(
+                first.source,
+                first.synapse,
+                first.weight + syn.weight,
+                first.in_shape,
+                first.pool,
+                first.stride,
+                first.padding,
+                first.dilation,
+                first.groups,
+                first.nodes + syn.nodes,
+            )
+        else:
+            merged[key] = syn
+    return list(merged.values())
+
+
+def _lower_term(term: _Term, in_shape: Shape, max_entries: int, target: str) -> _Synapse:
+    """The path's linear part as a conv or dense synapse acting on the sum-pooled source."""
+    pool, rest = _split_pool(term.ops, in_shape)
+    rest = _fuse_convs(rest, _pool_shape(in_shape, pool))
     pooled = _pool_shape(in_shape, pool)
     area = pool[0] * pool[1]
-    mains = [n for n in rest if not isinstance(n, ir.ScaleShift)]
+    names = tuple(n.name for n in term.ops if not isinstance(n, _Embed))
+    mains = [n for n in rest if not isinstance(n, (ir.ScaleShift, _Embed))]
     if len(pooled) == 3 and len(mains) <= 1 and (not mains or isinstance(mains[0], ir.Conv2d)):
         channels = pooled[0]
+        stride, padding, dilation = (1, 1), (0, 0, 0, 0), (1, 1)
         if mains:
             conv: ir.Conv2d = mains[0]  # type: ignore[assignment]
             weight = np.asarray(conv.weight, np.float64).copy()
             stride, padding, dilation, groups = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
-        else:  # pooling or affine only: a 1x1 depthwise "conv"
-            weight = np.ones((channels, 1, 1, 1))
-            stride, padding, dilation, groups = (1, 1), (0, 0, 0, 0), (1, 1), channels
-        c_out, c_in_group = weight.shape[:2]
-        main_index = rest.index(mains[0]) if mains else len(rest)
-        for n in rest[:main_index]:  # per-input-channel scale
-            scale = np.broadcast_to(np.asarray(n.scale, np.float64).reshape(-1), (channels,))  # type: ignore[attr-defined]
-            in_channel = (np.arange(c_out)[:, None] // (c_out // groups)) * c_in_group + np.arange(c_in_group)[None]
-            weight *= scale[in_channel][:, :, None, None]
-        for n in rest[main_index + 1 :]:  # per-output-channel scale
-            scale = np.broadcast_to(np.asarray(n.scale, np.float64).reshape(-1), (c_out,))  # type: ignore[attr-defined]
-            weight *= scale[:, None, None, None]
-        return _Synapse("conv", weight / area, pool, stride, padding, dilation, groups)  # type: ignore[arg-type]
-    matrix = _dense_matrix(rest, pooled, max_entries, chain.target.name)
-    return _Synapse("dense", matrix / area, pool)
+        if not any(isinstance(n, _Embed) for n in rest):
+            if not mains:  # pooling or affine only: a 1x1 depthwise "conv"
+                weight, groups = np.ones((channels, 1, 1, 1)), channels
+            c_out, c_in_group = weight.shape[:2]
+            main_index = rest.index(mains[0]) if mains else len(rest)
+            for n in rest[:main_index]:  # per-input-channel scale
+                scale = np.broadcast_to(np.asarray(n.scale, np.float64).reshape(-1), (channels,))
+                in_channel = (np.arange(c_out)[:, None] // (c_out // groups)) * c_in_group + np.arange(c_in_group)[None]
+                weight *= scale[in_channel][:, :, None, None]
+            for n in rest[main_index + 1 :]:  # per-output-channel scale
+                scale = np.broadcast_to(np.asarray(n.scale, np.float64).reshape(-1), (c_out,))
+                weight *= scale[:, None, None, None]
+        else:  # a Concat on the path: slice the kernel's input channels, place its output channels
+            main_index = rest.index(mains[0]) if mains else -1
+            if mains:
+                index, scale, _ = _channel_map(rest[:main_index], channels)
+                weight = _ungroup(weight, groups)[:, index] * scale[None, :, None, None]
+            else:
+                weight = np.eye(channels)[:, :, None, None]
+            out_index, out_scale, out_channels = _channel_map(rest[main_index + 1 :], weight.shape[0])
+            placed = np.zeros((out_channels, *weight.shape[1:]))
+            placed[out_index] = weight * out_scale[:, None, None, None]
+            weight, groups = placed, 1
+        return _Synapse(term.source, "conv", weight / area, in_shape, pool, stride, padding, dilation, groups, names)  # type: ignore[arg-type]
+    matrix = _dense_matrix(rest, pooled, max_entries, target)
+    return _Synapse(term.source, "dense", matrix / area, in_shape, pool, nodes=names)
+
+
+MAX_ROW_RATIO = 8.0  # quantize()'s default bound on a channel's weight peak against the median channel's
+
+
+def row_raise(peaks: np.ndarray, ratio: float) -> np.ndarray:
+    """Per channel, the factor (>= 1) by which row balancing raises its threshold.
+
+    `peaks`: each channel's largest normalised weight (threshold units). A channel above
+    `ratio` times the median active channel's is brought down to that cap."""
+    peaks = np.asarray(peaks, np.float64)
+    active = peaks[peaks > 0]
+    if active.size == 0:
+        return np.ones(peaks.shape)
+    return np.maximum(1.0, peaks / (float(np.median(active)) * ratio))
+
+
+def _row_peaks(normalised: list[np.ndarray], channels: int) -> np.ndarray:
+    peaks = np.zeros(channels)
+    for w in normalised:  # conv: rows are channels; dense: rows are neurons
+        rows = np.abs(w).reshape(w.shape[0], -1).max(1, initial=0)
+        peaks = np.maximum(peaks, rows.reshape(channels, -1).max(1))
+    return peaks
 
 
 def _balance_rows(
-    normalised: np.ndarray, theta: np.ndarray, shape: Shape, ratio: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    normalised: list[np.ndarray], theta: np.ndarray, shape: Shape, ratio: float
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Raise the thresholds of channels whose normalised weights dwarf the median channel's.
 
     Returns the rescaled weights, the new per-channel (or scalar) thresholds and the factors."""
     channels = shape[0]
-    rows = np.abs(normalised).reshape(normalised.shape[0], -1).max(1)
-    peaks = rows.reshape(channels, -1).max(1)  # conv: rows are channels; dense: rows are neurons
-    active = peaks[peaks > 0]
-    if active.size == 0:
-        return normalised, theta, np.ones(1)
-    cap = float(np.median(active)) * ratio
-    factor = np.maximum(1.0, peaks / cap)
+    factor = row_raise(_row_peaks(normalised, channels), ratio)
     if factor.max() <= 1.0:
         return normalised, theta, np.ones(1)
-    per_row = np.repeat(factor, normalised.shape[0] // channels)
-    normalised = normalised / per_row.reshape((-1,) + (1,) * (normalised.ndim - 1))
-    return normalised, np.broadcast_to(theta, (channels,)) * factor, factor
+    rescaled = []
+    for w in normalised:
+        per_row = np.repeat(factor, w.shape[0] // channels)
+        rescaled.append(w / per_row.reshape((-1,) + (1,) * (w.ndim - 1)))
+    return rescaled, np.broadcast_to(theta, (channels,)) * factor, factor
+
+
+def unit_threshold_peaks(graph: ir.Graph, layer: str, max_dense_weights: int = 2**25) -> np.ndarray:
+    """Per channel of IF layer `layer`, its largest normalised incoming weight were its threshold 1.
+
+    With threshold theta the peak is this / theta, which row balancing bounds (`row_raise`):
+    a calibration that lowers thresholds can ask the bound first, so that the fixed-point
+    network keeps the thresholds it chose. Sources count at their thresholds in `graph`, the
+    input at the step of its default range (raw uint8 through the graph's preprocessing)."""
+    population = next(p for p in _populations(graph) if p.target.name == layer)
+    lo, hi = _input_range(graph, None, None)
+    shape = tuple(population.target.shape)
+    normalised = []
+    for term in population.terms:
+        if term.source is None:
+            in_shape, src_theta = tuple(graph.input_shape), (hi - lo) / 255
+        else:
+            source = graph.node(term.source)
+            in_shape, src_theta = tuple(source.shape), np.asarray(source.threshold, np.float64).reshape(-1)  # type: ignore[attr-defined]
+        syn = _lower_term(term, in_shape, max_dense_weights, layer)
+        normalised.append(_normalise(syn, src_theta, np.ones(1), shape))
+    return _row_peaks(normalised, shape[0])
 
 
 def _quantize_weights(normalised: np.ndarray, threshold_bits: int, qmax: int) -> tuple[np.ndarray, int, int]:
@@ -278,6 +540,26 @@ def _quantize_weights(normalised: np.ndarray, threshold_bits: int, qmax: int) ->
     theta = max(1, min(theta, 2 ** (V_BITS - 2)))
     q = np.clip(np.round(normalised * theta / 2.0**exp), -qmax, qmax).astype(np.int8)
     return q, exp, theta
+
+
+def _quantize_synapses(normalised: list[np.ndarray], threshold_bits: int, qmax: int) -> tuple[list[np.ndarray], list[int], int]:
+    """Every synapse of a layer at one integer threshold: the one with the largest weight chooses
+    Theta (as for a single synapse), each other one the smallest exponent its weights fit in."""
+    peaks = [float(np.abs(w).max()) if w.size else 0.0 for w in normalised]
+    top = int(np.argmax(peaks))
+    q_top, exp_top, theta = _quantize_weights(normalised[top], threshold_bits, qmax)
+    qs, exps = [], []
+    for index, (w, peak) in enumerate(zip(normalised, peaks, strict=True)):
+        if index == top:
+            q, exp = q_top, exp_top
+        elif peak == 0.0:
+            q, exp = np.zeros(w.shape, np.int8), 0
+        else:
+            exp = min(max(math.ceil(math.log2(theta * peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
+            q = np.clip(np.round(w * theta / 2.0**exp), -qmax, qmax).astype(np.int8)
+        qs.append(q)
+        exps.append(exp)
+    return qs, exps, theta
 
 
 def _quantize_bias(bias_int: np.ndarray, name: str) -> tuple[np.ndarray, int]:
@@ -330,7 +612,7 @@ def quantize(
     input_range: tuple[Any, Any] | None = None,
     calibration: np.ndarray | None = None,
     max_dense_weights: int = 2**25,
-    max_row_ratio: float | None = 8.0,
+    max_row_ratio: float | None = MAX_ROW_RATIO,
 ) -> FixedGraph:
     """Quantise a converted float SNN graph to the fixed-point IR.
 
@@ -355,55 +637,44 @@ def quantize(
         raise ToolchainError(f"threshold_bits={threshold_bits}: choose 1 to {V_BITS - 4}")
     if not graph.is_snn:
         raise ToolchainError("the graph has no IF neurons: quantize a converted SNN graph")
-    import torch
 
     qmax = 2 ** (weight_bits - 1) - 1
-    chains = _chains(graph)  # refuses unsupported structures first
+    populations = _populations(graph)  # refuses unsupported structures first
     lo, hi = _input_range(graph, input_range, calibration)
     input_max = 2**input_bits - 1
     step = (hi - lo) / input_max
     in_theta = {None: step}  # float value of one unit of each source's output, per channel
+    base_input = per_channel(lo, tuple(graph.input_shape))
 
     layers: list[FixedLayer] = []
-    for chain in chains:
-        target = chain.target
+    for population in populations:
+        target = population.target
         is_if = isinstance(target, ir.IFNeuron)
-        in_shape = tuple(graph.input_shape) if chain.source is None else tuple(graph.node(chain.source).shape)
         shape = tuple(target.shape)
-        src_theta = in_theta[chain.source]
         if is_if:
             theta = np.asarray(target.threshold, np.float64).reshape(-1)  # type: ignore[attr-defined]
             if np.any(theta <= 0):
                 raise ToolchainError(f"layer {target.name!r}: thresholds must be positive")
         else:
             theta = np.ones(1)
-        syn = _lower_chain(chain, in_shape, max_dense_weights)
-        pooled = _pool_shape(in_shape, syn.pool)
-
-        # normalise: source spikes carry theta_src; the target membrane is divided by theta
-        if syn.synapse == "conv":
-            c_out, c_in_group = syn.weight.shape[:2]
-            src = np.broadcast_to(np.asarray(src_theta, np.float64).reshape(-1), (pooled[0],))
-            in_channel = (np.arange(c_out)[:, None] // (c_out // syn.groups)) * c_in_group + np.arange(c_in_group)[None]
-            dst = np.broadcast_to(theta, (c_out,))
-            normalised = syn.weight * (src[in_channel] / dst[:, None])[:, :, None, None]
-        else:
-            src = per_channel(src_theta, pooled).reshape(-1)
-            dst = per_channel(theta, shape).reshape(-1)
-            normalised = syn.weight * src[None, :] / dst[:, None]
+        synapses = []
+        for term in population.terms:
+            in_shape = tuple(graph.input_shape) if term.source is None else tuple(graph.node(term.source).shape)
+            synapses.append(_lower_term(term, in_shape, max_dense_weights, target.name))
+        synapses = _merge_synapses(synapses)
+        normalised = [_normalise(syn, in_theta[syn.source], theta, shape) for syn in synapses]
         raised = np.ones(1)
         if is_if and max_row_ratio:
             normalised, theta, raised = _balance_rows(normalised, theta, shape, max_row_ratio)
-        q, weight_exp, big_theta = _quantize_weights(normalised, threshold_bits, qmax)
+        qs, weight_exps, big_theta = _quantize_synapses(normalised, threshold_bits, qmax)
 
-        # bias: the full chain (biases, shifts, the input offset) applied to the base input
-        base = per_channel(lo, in_shape) if chain.source is None else np.zeros(in_shape)
-        with torch.inference_mode():
-            beta = _apply_chain(chain.nodes, torch.as_tensor(base[None]), False)[0].numpy().reshape(shape)
+        # bias: the float graph (biases, shifts, the input offset) with its sources at their base values
+        beta = _base_value(graph, population, base_input).reshape(shape)
         theta_full = per_channel(theta, shape)
         bias_float = beta / theta_full * big_theta
-        if weight_exp < 0:  # the synapse floors (arithmetic shift): compensate its mean error of -1/2 unit
-            bias_float = bias_float + 0.5
+        floors = sum(e < 0 for e in weight_exps)
+        if floors:  # these synapses floor (arithmetic shift): compensate their mean error of -1/2 unit each
+            bias_float = bias_float + 0.5 * floors
         bias_mant, bias_exp = _quantize_bias(bias_float, target.name)
         if is_if:
             v0 = per_channel(target.v0, shape) * per_channel(raised, shape)  # type: ignore[attr-defined]
@@ -414,35 +685,43 @@ def quantize(
             raise ToolchainError(f"layer {target.name!r}: initial potential does not fit the 24-bit membrane")
         v0 = np.round(v0_float).astype(np.int32)
 
-        dequant = q.astype(np.float64) * 2.0**weight_exp / big_theta
+        dequant = np.concatenate(
+            [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
+        )
         bias_eff = (bias_mant.astype(np.float64) * 2.0**bias_exp) / big_theta
         layer = FixedLayer(
             name=target.name,
             kind="if" if is_if else "readout",
-            source=chain.source,
-            synapse=syn.synapse,
-            in_shape=in_shape,
             shape=shape,
-            weight=q,
-            weight_exp=weight_exp,
+            synapses=[
+                FixedSynapse(
+                    source=syn.source,
+                    kind=syn.synapse,
+                    in_shape=syn.in_shape,
+                    weight=q,
+                    weight_exp=e,
+                    pool=syn.pool,
+                    stride=syn.stride,
+                    padding=syn.padding,
+                    dilation=syn.dilation,
+                    groups=syn.groups,
+                    nodes=list(syn.nodes),
+                )
+                for syn, q, e in zip(synapses, qs, weight_exps, strict=True)
+            ],
             bias_mant=bias_mant,
             bias_exp=bias_exp,
             threshold=big_theta if is_if else 0,
             v0=v0,
             scale=channel_scalar_or_vector(theta / big_theta),
-            pool=syn.pool,
-            stride=syn.stride,
-            padding=syn.padding,
-            dilation=syn.dilation,
-            groups=syn.groups,
-            nodes=[n.name for n in chain.nodes],
+            nodes=[n.name for n in population.nodes],
         )
         layer.stats = {
-            "weights": int(q.size),
-            "weight_rel_l2": round(_rel_l2(dequant, normalised), 6),
+            "weights": int(sum(q.size for q in qs)),
+            "weight_rel_l2": round(_rel_l2(dequant, np.concatenate([w.reshape(-1) for w in normalised])), 6),
             "bias_max_err": round(float(np.abs(bias_eff - bias_float / big_theta).max(initial=0)), 6),
             "v0_max_err": round(float(np.abs(v0 / big_theta - v0_float / big_theta).max(initial=0)), 6),
-            "safe_steps": _safe_steps(layer, input_max if chain.source is None else 1),
+            "safe_steps": _safe_steps(layer, input_max),
         }
         if raised.max() > 1:
             layer.stats["raised_channels"] = int((raised > 1).sum())
@@ -467,18 +746,33 @@ def quantize(
     return fixed
 
 
-def _safe_steps(layer: FixedLayer, payload_max: int) -> int:
+def _normalise(syn: _Synapse, src_theta: np.ndarray, theta: np.ndarray, shape: Shape) -> np.ndarray:
+    """The synapse's weights in threshold units: source spikes carry theta_src, the target membrane
+    is divided by its theta."""
+    pooled = _pool_shape(syn.in_shape, syn.pool)
+    if syn.synapse == "conv":
+        c_out, c_in_group = syn.weight.shape[:2]
+        src = np.broadcast_to(np.asarray(src_theta, np.float64).reshape(-1), (pooled[0],))
+        in_channel = (np.arange(c_out)[:, None] // (c_out // syn.groups)) * c_in_group + np.arange(c_in_group)[None]
+        dst = np.broadcast_to(theta, (c_out,))
+        return syn.weight * (src[in_channel] / dst[:, None])[:, :, None, None]
+    src = per_channel(src_theta, pooled).reshape(-1)
+    dst = per_channel(theta, shape).reshape(-1)
+    return syn.weight * src[None, :] / dst[:, None]
+
+
+def _safe_steps(layer: FixedLayer, input_max: int) -> int:
     """Steps guaranteed free of membrane overflow for any input (a conservative bound)."""
-    q = layer.weight.astype(np.int64)
-    area = layer.pool[0] * layer.pool[1]
-    axes = tuple(range(1, q.ndim))
-    pos = np.clip(q, 0, None).sum(axis=axes) * payload_max * area
-    neg = np.clip(-q, 0, None).sum(axis=axes) * payload_max * area
-    shift = 2.0**layer.weight_exp
-    c = layer.shape[0]
-    bias = layer.bias().astype(np.float64).reshape(c, -1) if layer.synapse == "conv" else layer.bias().reshape(-1, 1)
-    up = (pos.reshape(-1, 1) * shift + bias).max()
-    down = (neg.reshape(-1, 1) * shift - bias).max()
+    up = np.zeros(layer.shape)
+    down = np.zeros(layer.shape)
+    for syn in layer.synapses:
+        pos, neg = synapse_range(syn, layer.shape, input_max if syn.source is None else 1)
+        shift = 2.0**syn.weight_exp
+        up = up + pos * shift
+        down = down + neg * shift
+    bias = layer.bias().astype(np.float64).reshape(layer.shape)
+    up = float((up + bias).max())
+    down = float((down - bias).max())
     v0 = float(np.abs(layer.v0).max(initial=0))
     if layer.kind == "if":
         headroom = V_MAX - v0 - layer.threshold - max(up, 0)

@@ -99,10 +99,17 @@ def write_report(
         return text
     if out.is_dir():
         raise ToolchainError(f"{out}: is a folder; give the report's file name, e.g. {out / ('report.' + fmt)}")
+    written: list[Path] = []  # new files, removed again if the report cannot be completed
     try:
-        for name, payload in extra.items():
-            atomic_file(out.parent / name, payload)
-        atomic_file(out, text.encode("utf-8"))
-    except OSError as exc:
-        raise ToolchainError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
+        for path, payload in [*((out.parent / name, png) for name, png in extra.items()), (out, text.encode("utf-8"))]:
+            new = not path.exists()
+            atomic_file(path, payload)
+            if new:
+                written.append(path)
+    except (OSError, ToolchainError, KeyboardInterrupt) as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ToolchainError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
+        raise
     return out

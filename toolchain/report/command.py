@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from toolchain.errors import ToolchainError
 
 
 def run(args: argparse.Namespace) -> int:
     from toolchain.backends import open_target
-    from toolchain.build import ANN_FILE, apply_preprocess_overrides
-    from toolchain.core.ir import load_graph
-    from toolchain.data import load_dataset
+    from toolchain.build import ANN_FILE
+    from toolchain.cli import _load_artifact_and_data
     from toolchain.evaluate import evaluate
     from toolchain.onnx_reference import OnnxReference
     from toolchain.report import FORMATS, SpikeMapRecorder, format_from_path, load_energy_model, report_steps, write_report
@@ -27,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ToolchainError(f"--batch-size {args.batch_size}: must be positive")
     steps = report_steps(args.steps)
+    if args.out is not None:  # before the long run: -o (and the plots beside it) must be new or ours
+        check_report_outputs(Path(args.out), fmt, args.force)
     model = load_energy_model(args.energy_model)  # fail on a bad file before the long run
-    graph = load_graph(args.artifact)
+    graph, data = _load_artifact_and_data(args)
     if not graph.is_snn:
         raise ToolchainError(f"{args.artifact}: holds an ANN graph, not a converted SNN; run `toolchain build` first")
-    graph.preprocess = apply_preprocess_overrides(graph.preprocess, args.scale, args.mean, args.std)
-    data = load_dataset(args.data, args.split).subset(args.limit)
     if len(data) == 0:
         raise ToolchainError(f"{args.data}: no samples to evaluate")
     inner = open_target(args.target, args.artifact, args.device)
@@ -57,3 +57,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {result}", file=sys.stderr)
     return 0
+
+
+def check_report_outputs(out: Path, fmt: str, force: bool) -> None:
+    """A report may replace only an earlier report of ours (and its plots), never an artifact's own
+    files or anything else of the user's, without --force."""
+    from toolchain.fileio import check_file_replaceable, is_our_report
+    from toolchain.report import plot_files
+
+    paths = [out] + ([out.parent / name for name in plot_files(out).values()] if fmt == "md" else [])
+    for path in paths:
+        check_file_replaceable(path, is_our_report(path), force)

@@ -10,7 +10,9 @@ of non-zero entries of its column in the chain's composite connection matrix, i.
 the distinct neurons of the next populations it is connected to (what a compiler
 that folds pooling into the following convolution programs into the chip). It is
 structural: every kernel tap counts, whatever the weight's value. Padding is exact
-(a neuron near the border drives fewer synapses).
+(a neuron near the border drives fewer synapses). Each op's connections are its own kernel
+in the interpreter (`core.interpreter.OPS`) run on connection indicators (`connections`),
+so the report reads the op semantics from the one place that defines them.
 
 Two exact ways to count it, chosen per chain:
 
@@ -33,14 +35,15 @@ pooling, affine scaling and activations are not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from toolchain.core import ir
+from toolchain.core.interpreter import OPS, CompiledNode
 from toolchain.errors import ToolchainError
 
 NEURON_OPS = ("if", "readout")
@@ -230,12 +233,7 @@ def fanout_separable(graph: ir.Graph, source: str) -> np.ndarray:
             x[torch.arange(end - begin), torch.arange(begin, end)] = 1.0
             x = x.reshape((end - begin, 1, height, width))
             for node in chain:
-                if isinstance(node, ir.Conv2d):
-                    ones = torch.ones((1, 1, *node.weight.shape[2:]), dtype=x.dtype)
-                    x = F.conv2d(_pad(x, node.padding), ones, None, node.stride, 0, node.dilation)
-                elif isinstance(node, (ir.AvgPool2d, ir.MaxPool2d)):
-                    x = _pool(node, [x])
-                x = (x > 0).to(x.dtype)
+                x = (connections(node, [x], one_channel=True) > 0).to(x.dtype)
             per_position[begin:end] = x.flatten(1).sum(1).round().to(torch.int64).numpy()
     return (per_channel[:, None] * per_position[None, :]).reshape(-1)
 
@@ -291,40 +289,36 @@ def _structural_forward(
         args = [
             values[i] if i in values else torch.zeros((batch, *graph.shape_of(i)), dtype=x.dtype) for i in node.inputs
         ]
-        y = _STRUCTURAL[node.op](node, args)
+        y = connections(node, args)
         if binarise:
             y = (y > 0).to(x.dtype)
         values[node.name] = y
     return values
 
 
-def _pad(x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
-    top, left, bottom, right = padding
-    return F.pad(x, (left, right, top, bottom)) if any(padding) else x
+def connections(node: ir.Node, args: list[torch.Tensor], one_channel: bool = False) -> torch.Tensor:
+    """The node's op with every connection weighing one: how many paths reach each output element.
 
-
-def _conv(node: ir.Conv2d, args: list[torch.Tensor]) -> torch.Tensor:
-    ones = torch.ones(node.weight.shape, dtype=args[0].dtype)
-    return F.conv2d(_pad(args[0], node.padding), ones, None, node.stride, 0, node.dilation, node.groups)
-
-
-def _linear(node: ir.Linear, args: list[torch.Tensor]) -> torch.Tensor:
+    The interpreter's own kernel (`core.interpreter.OPS`) runs on connection indicators: a
+    conv's weights all one (every tap counts, whatever its value), biases and shifts dropped;
+    a pool connects its window's cells, which the average pool's kernel times the window's
+    area sums. A Linear connects every input to every output: its product with all ones is a
+    row sum, computed without the dense matrix. `args`: the inputs, (B, ...) without a time
+    axis. `one_channel`: a conv's spatial pattern alone (its kernel on one channel).
+    """
     x = args[0]
-    return x.sum(-1, keepdim=True).expand(*x.shape[:-1], int(node.weight.shape[0]))
-
-
-def _pool(node: ir.AvgPool2d | ir.MaxPool2d, args: list[torch.Tensor]) -> torch.Tensor:
-    area = node.kernel[0] * node.kernel[1]
-    return F.avg_pool2d(_pad(args[0], node.padding), node.kernel, node.stride, 0, count_include_pad=True) * area
-
-
-_STRUCTURAL = {
-    "conv2d": _conv,
-    "linear": _linear,
-    "avgpool2d": _pool,
-    "maxpool2d": _pool,
-    "flatten": lambda node, args: args[0].flatten(1),
-    "add": lambda node, args: sum(args[1:], args[0]),
-    "concat": lambda node, args: torch.cat(args, dim=1),
-    "affine": lambda node, args: args[0],
-}
+    if isinstance(node, ir.Linear):
+        return x.sum(-1, keepdim=True).expand(*x.shape[:-1], int(node.weight.shape[0]))
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(node, ir.Conv2d):
+        if one_channel:
+            node = dataclasses.replace(node, groups=1)
+        tensors["weight"] = torch.ones((1, 1, *node.weight.shape[2:]) if one_channel else node.weight.shape, dtype=x.dtype)
+    elif isinstance(node, ir.ScaleShift):
+        tensors = {"scale": torch.ones(1, dtype=x.dtype), "shift": torch.zeros(1, dtype=x.dtype)}
+    elif isinstance(node, (ir.AvgPool2d, ir.MaxPool2d)):
+        window = ir.AvgPool2d(node.name, node.inputs, node.shape, kernel=node.kernel, stride=node.stride,
+                              padding=node.padding, count_include_pad=True)  # divides every window by its area
+        y = OPS["avgpool2d"](CompiledNode(window, {}), [a.unsqueeze(0) for a in args], 1)[0]
+        return y * (node.kernel[0] * node.kernel[1])
+    return OPS[node.op](CompiledNode(node, tensors), [a.unsqueeze(0) for a in args], 1)[0]

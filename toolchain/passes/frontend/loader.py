@@ -20,6 +20,7 @@ import onnx
 import toolchain.passes.frontend.handlers  # noqa: F401  (importing the package registers every handler)
 from toolchain.core import ir
 from toolchain.errors import InternalError, ToolchainError
+from toolchain.fileio import check_external_data
 from toolchain.passes.frontend.builder import PSEUDO, Builder
 from toolchain.passes.frontend.folding import fold_constants, initializer_arrays
 from toolchain.passes.frontend.layout import channels_last_input
@@ -71,6 +72,7 @@ class _Loader:
             self.fail("no such file")
         if not self.path.is_file():
             self.fail("not a file")
+        check_external_data(self.path)  # no absolute path, `..` or symlink out of the model's folder
         try:
             model = onnx.load(str(self.path))
         except Exception as exc:  # noqa: BLE001 - protobuf/IO errors become one-line user errors

@@ -1,0 +1,329 @@
+"""Branching networks this project did not train, deployed: `toolchain build --target lava`.
+
+Plain-torch Fashion-MNIST models written the way other people write them (no project code in
+them): a torchvision-style ResNet (BasicBlock with `F.relu`, identity and 1x1-conv+BN
+shortcuts), a DenseNet/Inception-style net (`torch.cat` of a block's input with its output,
+and of parallel branches), a MobileNet-style net (depthwise + pointwise convs, BN after the
+ReLU), and max-pooling LeNet- and VGG-style nets. Each is trained briefly (seeded Adam,
+one thread), exported with `torch.onnx.export(model, x, path, dynamo=False)` and its defaults, and built by the
+command a user runs:
+
+    toolchain build MODEL --target lava --calib FMNIST --data FMNIST --validate 5 -T T -o OUT
+
+which prints the ANN (onnxruntime), the float SNN (torch) and the fixed-point SNN (loihi
+emulator) accuracy on the test set at T, and compares Lava with the emulator on 5 samples at
+every population and step. T = 32 for every model; the max-pool models also at T = 64, and
+their float spiking max-pool (`--maxpool spiking`, torch target) and `--maxpool avg` beside
+the fixed-point default (`relu`).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/deploy_dag.py                  # all models
+    OMP_NUM_THREADS=1 .venv/bin/python bench/deploy_dag.py --models resnet --steps 200
+
+Writes bench/results/deploy_dag.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import describe_machine, write_results  # noqa: E402
+from own_models import train  # noqa: E402  (seeded Adam on pixels / 255, the toolchain's uint8 default)
+
+from toolchain.data import Dataset, load_dataset  # noqa: E402
+
+FMNIST = ROOT.parent / "shared" / "data" / "fashion-mnist"
+
+
+# --- the user's models: plain torch ---------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock, smaller."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, 2)
+        self.layer3 = BasicBlock(32, 32, 2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class DenseInception(nn.Module):
+    """A DenseNet-style block (input concatenated with its output) and an Inception-style block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, 2, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dense_conv = nn.Conv2d(16, 16, 3, 1, 1)
+        self.dense_bn = nn.BatchNorm2d(32)
+        self.branch1 = nn.Conv2d(32, 16, 1)
+        self.branch3 = nn.Conv2d(32, 16, 3, 2, 1)
+        self.reduce = nn.Conv2d(32, 16, 1, 2)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))  # 14x14
+        x = F.relu(self.dense_bn(torch.cat([x, F.relu(self.dense_conv(x))], 1)))  # 32 channels
+        a = F.relu(F.avg_pool2d(self.branch1(x), 2))  # 7x7
+        b = F.relu(self.branch3(x))
+        c = F.relu(self.reduce(x))
+        x = torch.cat([a, b, c], 1)
+        return self.fc(x.mean((2, 3)))
+
+
+class MobileNet(nn.Module):
+    """Depthwise-separable blocks; batch norm after the ReLU, as some people place it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, 2, 1)
+        layers: list[nn.Module] = [nn.ReLU(), nn.BatchNorm2d(16)]
+        for cin, cout, stride in [(16, 32, 1), (32, 64, 2), (64, 64, 1)]:
+            layers += [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin), nn.ReLU(), nn.BatchNorm2d(cin)]
+            layers += [nn.Conv2d(cin, cout, 1), nn.ReLU(), nn.BatchNorm2d(cout)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(self.stem(x)), 1).flatten(1))
+
+
+class LeNet(nn.Module):
+    """The PyTorch tutorial's LeNet: F.max_pool2d(F.relu(conv(x)), 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 4 * 4, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def vgg() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(inplace=True), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+MODELS: dict[str, tuple[Any, str, bool]] = {
+    "resnet": (ResNet, "conv-BN-ReLU, 3 BasicBlocks (identity; 1x1 conv+BN shortcuts, stride 2), GAP, fc", False),
+    "dense_inception": (DenseInception, "torch.cat(x, relu(conv x)) + BN; 3 branches (1x1+avgpool, 3x3/2, 1x1/2) "
+                        "concatenated; mean, fc", False),
+    "mobilenet": (MobileNet, "conv, 3 depthwise-separable blocks, ReLU then BN (BN after ReLU), GAP, fc", False),
+    "lenet_max": (LeNet, "the PyTorch tutorial LeNet: 2x (conv 5x5, ReLU, max pool 2), 3 fc", True),
+    "vgg_max": (vgg, "VGG-style: conv-BN-ReLU x2, max pool, conv-BN-ReLU, max pool, fc-ReLU-fc", True),
+}  # fmt: skip
+
+
+def export(model: nn.Module, path: Path) -> None:
+    """The exporter's defaults (opset, names, fixed batch). This torch's default is the dynamo exporter,
+    which needs onnxscript (not installed here): the TorchScript one, `dynamo=False`, with its defaults."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False)
+
+
+# --- the command and what it prints ----------------------------------------------------------
+
+PATTERNS = {
+    "ann": r"ANN \(onnxruntime\)\s+([\d.]+) %",
+    "float": r"SNN float \(torch\)\s+([\d.]+) %",
+    "fixed": r"SNN fixed point \(loihi\)\s+([\d.]+) %",
+}
+
+
+def toolchain_build(
+    model: Path, out: Path, steps: int, calib: Path, test: Path, extra: list[str], validate: int
+) -> dict[str, Any]:
+    command = [sys.executable, "-m", "toolchain", "build", str(model), "--target", "lava", "--calib", str(calib),
+               "--data", str(test), "--validate", str(validate), "-T", str(steps), "-o", str(out), *extra]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    row: dict[str, Any] = {"command": "toolchain build MODEL --target lava --calib FMNIST --data FMNIST "
+                           f"--validate {validate} -T {steps}" + "".join(f" {e}" for e in extra),
+                           "exit": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
+    for key, pattern in PATTERNS.items():
+        found = re.search(pattern, done.stdout)
+        row[key] = float(found.group(1)) if found else None
+    check = re.search(r"lava validation: (.*)", done.stdout)
+    row["lava"] = check.group(1) if check else None
+    row["lava_equal"] = bool(check and "lava == emulator" in check.group(1))
+    timing = re.search(r"lava timing: (.*)", done.stdout)
+    row["lava_timing"] = timing.group(1) if timing else None
+    build_log = out / "build.json"
+    if build_log.exists():
+        log = json.loads(build_log.read_text())
+        if "resources" in log:
+            row["loihi1"] = log["resources"]["loihi1"]["total"]
+            row["loihi2"] = log["resources"]["loihi2"]["total"]
+            row["warnings"] = log["resources"]["loihi1"]["warnings"]
+            row["populations"] = len(log["fixed_point"])
+    if done.returncode != 0:
+        row["stderr"] = done.stderr[-2000:]
+        row["stdout"] = done.stdout[-2000:]
+    print(json.dumps({k: v for k, v in row.items() if k not in ("stdout",)}), flush=True)
+    return row
+
+
+def float_spiking_maxpool(model: Path, data: Path, test: Dataset, steps: int) -> float:
+    """The float SNN with the spiking max-pool (the torch target's default), for comparison."""
+    from toolchain.backends import open_target
+    from toolchain.build import BuildOptions, build
+    from toolchain.evaluate import evaluate
+
+    result = build(BuildOptions(model=model, target="torch", calib=data, maxpool="spiking", device="cpu"))
+    target = open_target("torch", None, "cpu")
+    target.prepare(result.snn)
+    run = evaluate(target, test, result.snn.preprocess, result.snn.input_shape, [steps], 500, None, progress=False)
+    return 100 * run.snn_accuracy()[steps]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Branching and max-pooling networks deployed to fixed point and Lava",
+        "",
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores, shared), Python {m['python']}, torch {m['torch']}, {m['date']}. "
+        f"Fashion-MNIST models in plain torch (not written for this toolchain), {result['train_steps']} seeded Adam "
+        "steps each, exported by `torch.onnx.export(model, x, path, dynamo=False)` with its defaults, built by "
+        "`toolchain build MODEL --target lava --calib FMNIST --data FMNIST --validate 5 -T T`; accuracies on the "
+        f"first {result['test_samples']} test images; Lava compared with the emulator at every population "
+        f"and step on 5 of them. Written by `bench/deploy_dag.py` ({result['seconds'] / 60:.0f} minutes).",
+        "",
+        "| model | T | max-pool | ANN | float SNN | fixed point | fixed - float | Lava == emulator | "
+        "populations | Loihi 1 cores | Loihi 2 cores |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for r in result["rows"]:
+        gap = "-" if r.get("fixed") is None or r.get("float") is None else f"{r['fixed'] - r['float']:+.2f}"
+        if r.get("lava_equal"):
+            lava = "yes (5 samples)"
+        else:
+            lava = f"no: {r.get('lava')}" if r.get("lava") else f"build failed (exit {r['exit']})"
+        lines.append(
+            f"| {r['model']} | {r['T']} | {r['maxpool']} | {pct(r.get('ann'))} | {pct(r.get('float'))} | "
+            f"{pct(r.get('fixed'))} | {gap} | {lava} | {r.get('populations', '-')} | "
+            f"{r.get('loihi1', {}).get('cores', '-')} | {r.get('loihi2', {}).get('cores', '-')} |"
+        )
+    if result.get("spiking_maxpool"):
+        lines += ["", "Float SNN with the spiking max-pool (`--maxpool spiking`, torch target; Loihi has no synapse for it):",
+                  ""]
+        lines += [f"- {name}, T={t}: {acc:.2f} %" for (name, t), acc in
+                  ((tuple(k.split("@")), v) for k, v in result["spiking_maxpool"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--steps", type=int, default=600, help="Adam steps per model (batch 128)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=FMNIST)
+    parser.add_argument("--validate", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=0, help="the first N test images (0: all 10,000)")
+    parser.add_argument("--keep", type=Path, help="keep the ONNX files and artifacts here")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy_dag")
+    args = parser.parse_args(argv)
+    names = [n for n in args.models.split(",") if n]
+    if any(n not in MODELS for n in names) or not args.data.exists():
+        print(f"error: models must be among {', '.join(MODELS)}; data at {args.data}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    train_data = load_dataset(args.data, "train")
+    test = load_dataset(args.data, "test")
+    if args.limit:
+        test = test.subset(args.limit)
+    result: dict[str, Any] = {"machine": describe_machine(), "train_steps": args.steps, "seed": args.seed,
+                              "test_samples": len(test), "models": {}, "rows": [], "spiking_maxpool": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        test_data = args.data
+        if args.limit:  # the command reads its --data: hand it the subset as an .npz
+            test_data = folder / f"fmnist_test_{len(test)}.npz"
+            np.savez(test_data, x=test.x, y=test.y)
+        for name in names:
+            factory, description, has_maxpool = MODELS[name]
+            torch.manual_seed(args.seed)
+            model = factory()
+            info = train(model, train_data, args.steps, args.seed)
+            info.update({"description": description, "parameters": sum(p.numel() for p in model.parameters())})
+            result["models"][name] = info
+            onnx_file = folder / f"fmnist_{name}.onnx"
+            export(model, onnx_file)
+            runs = [(32, "relu" if has_maxpool else "-", [])]
+            if has_maxpool:
+                runs += [(64, "relu", []), (64, "avg", ["--maxpool", "avg"])]
+            for steps, policy, extra in runs:
+                row = toolchain_build(onnx_file, folder / f"{name}_T{steps}_{policy}", steps, args.data, test_data,
+                                      extra, args.validate)
+                result["rows"].append({"model": name, "T": steps, "maxpool": policy, **row})
+            if has_maxpool:
+                for steps in (32, 64):
+                    result["spiking_maxpool"][f"{name}@{steps}"] = float_spiking_maxpool(onnx_file, args.data, test, steps)
+            write_results(args.out, {**result, "seconds": round(time.perf_counter() - started, 1)},
+                          markdown({**result, "seconds": time.perf_counter() - started}))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    write_results(args.out, result, markdown(result))
+    return 0 if all(r["exit"] == 0 for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
