@@ -4,11 +4,11 @@ Plain-torch Fashion-MNIST models written the way other people write them (no pro
 them): a torchvision-style ResNet (BasicBlock with `F.relu`, identity and 1x1-conv+BN
 shortcuts), a DenseNet/Inception-style net (`torch.cat` of a block's input with its output,
 and of parallel branches), a MobileNet-style net (depthwise + pointwise convs, BN after the
-ReLU), and max-pooling LeNet- and VGG-style nets. Each is trained briefly (seeded Adam,
+ReLU), and max-pooling LeNet- and VGG-style nets; and the same ResNet on CIFAR-10. Each is trained briefly (seeded Adam,
 one thread), exported with `torch.onnx.export(model, x, path, dynamo=False)` and its defaults, and built by the
 command a user runs:
 
-    toolchain build MODEL --target lava --calib FMNIST --data FMNIST --validate 5 -T T -o OUT
+    toolchain build MODEL --target lava --calib DATA --data DATA --validate 5 -T T -o OUT
 
 which prints the ANN (onnxruntime), the float SNN (torch) and the fixed-point SNN (loihi
 emulator) accuracy on the test set at T, and compares Lava with the emulator on 5 samples at
@@ -50,6 +50,7 @@ from own_models import train  # noqa: E402  (seeded Adam on pixels / 255, the to
 from toolchain.data import Dataset, load_dataset  # noqa: E402
 
 FMNIST = ROOT.parent / "shared" / "data" / "fashion-mnist"
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
 
 # --- the user's models: plain torch ---------------------------------------------------------
@@ -76,9 +77,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = BasicBlock(16, 16)
         self.layer2 = BasicBlock(16, 32, 2)
@@ -159,21 +160,27 @@ def vgg() -> nn.Module:
     )  # fmt: skip
 
 
-MODELS: dict[str, tuple[Any, str, bool]] = {
-    "resnet": (ResNet, "conv-BN-ReLU, 3 BasicBlocks (identity; 1x1 conv+BN shortcuts, stride 2), GAP, fc", False),
+RESNET = "conv-BN-ReLU, 3 BasicBlocks (identity; 1x1 conv+BN shortcuts, stride 2), GAP, fc"
+# name: (factory, description, has max pooling, data set)
+MODELS: dict[str, tuple[Any, str, bool, str]] = {
+    "resnet": (ResNet, RESNET, False, "fashion-mnist"),
     "dense_inception": (DenseInception, "torch.cat(x, relu(conv x)) + BN; 3 branches (1x1+avgpool, 3x3/2, 1x1/2) "
-                        "concatenated; mean, fc", False),
-    "mobilenet": (MobileNet, "conv, 3 depthwise-separable blocks, ReLU then BN (BN after ReLU), GAP, fc", False),
-    "lenet_max": (LeNet, "the PyTorch tutorial LeNet: 2x (conv 5x5, ReLU, max pool 2), 3 fc", True),
-    "vgg_max": (vgg, "VGG-style: conv-BN-ReLU x2, max pool, conv-BN-ReLU, max pool, fc-ReLU-fc", True),
+                        "concatenated; mean, fc", False, "fashion-mnist"),
+    "mobilenet": (MobileNet, "conv, 3 depthwise-separable blocks, ReLU then BN (BN after ReLU), GAP, fc", False,
+                  "fashion-mnist"),
+    "lenet_max": (LeNet, "the PyTorch tutorial LeNet: 2x (conv 5x5, ReLU, max pool 2), 3 fc", True, "fashion-mnist"),
+    "vgg_max": (vgg, "VGG-style: conv-BN-ReLU x2, max pool, conv-BN-ReLU, max pool, fc-ReLU-fc", True,
+                "fashion-mnist"),
+    "resnet_cifar10": (lambda: ResNet(3), RESNET + "; 3x32x32 input", False, "cifar10"),
 }  # fmt: skip
+DATA_NAMES = {"fashion-mnist": "FMNIST", "cifar10": "CIFAR10"}
 
 
-def export(model: nn.Module, path: Path) -> None:
+def export(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
     """The exporter's defaults (opset, names, fixed batch). This torch's default is the dynamo exporter,
     which needs onnxscript (not installed here): the TorchScript one, `dynamo=False`, with its defaults."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False)
+    torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), dynamo=False)
 
 
 # --- the command and what it prints ----------------------------------------------------------
@@ -186,13 +193,13 @@ PATTERNS = {
 
 
 def toolchain_build(
-    model: Path, out: Path, steps: int, calib: Path, test: Path, extra: list[str], validate: int
+    model: Path, out: Path, steps: int, calib: Path, test: Path, extra: list[str], validate: int, data_name: str
 ) -> dict[str, Any]:
     command = [sys.executable, "-m", "toolchain", "build", str(model), "--target", "lava", "--calib", str(calib),
                "--data", str(test), "--validate", str(validate), "-T", str(steps), "-o", str(out), *extra]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    row: dict[str, Any] = {"command": "toolchain build MODEL --target lava --calib FMNIST --data FMNIST "
+    row: dict[str, Any] = {"command": f"toolchain build MODEL --target lava --calib {data_name} --data {data_name} "
                            f"--validate {validate} -T {steps}" + "".join(f" {e}" for e in extra),
                            "exit": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
     for key, pattern in PATTERNS.items():
@@ -224,7 +231,7 @@ def float_spiking_maxpool(model: Path, data: Path, test: Dataset, steps: int) ->
     from toolchain.build import BuildOptions, build
     from toolchain.evaluate import evaluate
 
-    result = build(BuildOptions(model=model, target="torch", calib=data, maxpool="spiking", device="cpu"))
+    result = build(BuildOptions(model=model, target="torch", calib=data, maxpool="spiking", steps=steps, device="cpu"))
     target = open_target("torch", None, "cpu")
     target.prepare(result.snn)
     run = evaluate(target, test, result.snn.preprocess, result.snn.input_shape, [steps], 500, None, progress=False)
@@ -237,16 +244,19 @@ def markdown(result: dict[str, Any]) -> str:
         "# Branching and max-pooling networks deployed to fixed point and Lava",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores, shared), Python {m['python']}, torch {m['torch']}, {m['date']}. "
-        f"Fashion-MNIST models in plain torch (not written for this toolchain), {result['train_steps']} seeded Adam "
-        "steps each, exported by `torch.onnx.export(model, x, path, dynamo=False)` with its defaults, built by "
-        "`toolchain build MODEL --target lava --calib FMNIST --data FMNIST --validate 5 -T T`; accuracies on the "
-        f"first {result['test_samples']} test images; Lava compared with the emulator at every population "
+        "Models in plain torch (not written for this toolchain), seeded Adam steps (Fashion-MNIST "
+        f"{result['train_steps']}, CIFAR-10 {result['cifar_steps']}; batch 128, no augmentation), exported by "
+        "`torch.onnx.export(model, x, path, dynamo=False)` with its defaults, built by "
+        "`toolchain build MODEL --target lava --calib DATA --data DATA --validate 5 -T T` (so with the default "
+        "`--calibrate auto` at T); accuracies on "
+        f"{result['test_samples']}; Lava compared with the emulator at every population "
         f"and step on 5 of them. Written by `bench/deploy_dag.py` ({result['seconds'] / 60:.0f} minutes).",
         "",
-        "| model | T | max-pool | ANN | float SNN | fixed point | fixed - float | Lava == emulator | "
+        "| model | data | T | max-pool | ANN | float SNN | fixed point | fixed - float | Lava == emulator | "
         "populations | Loihi 1 cores | Loihi 2 cores |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
+
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
@@ -257,13 +267,13 @@ def markdown(result: dict[str, Any]) -> str:
         else:
             lava = f"no: {r.get('lava')}" if r.get("lava") else f"build failed (exit {r['exit']})"
         lines.append(
-            f"| {r['model']} | {r['T']} | {r['maxpool']} | {pct(r.get('ann'))} | {pct(r.get('float'))} | "
+            f"| {r['model']} | {r['data']} | {r['T']} | {r['maxpool']} | {pct(r.get('ann'))} | {pct(r.get('float'))} | "
             f"{pct(r.get('fixed'))} | {gap} | {lava} | {r.get('populations', '-')} | "
             f"{r.get('loihi1', {}).get('cores', '-')} | {r.get('loihi2', {}).get('cores', '-')} |"
         )
     if result.get("spiking_maxpool"):
-        lines += ["", "Float SNN with the spiking max-pool (`--maxpool spiking`, torch target; Loihi has no synapse for it):",
-                  ""]
+        lines += ["", "Float SNN with the spiking max-pool (`--maxpool spiking`, torch target; Loihi has no synapse "
+                  "for it), same calibration data and test images:", ""]
         lines += [f"- {name}, T={t}: {acc:.2f} %" for (name, t), acc in
                   ((tuple(k.split("@")), v) for k, v in result["spiking_maxpool"].items())]
     return "\n".join(lines) + "\n"
@@ -272,52 +282,76 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--steps", type=int, default=600, help="Adam steps per model (batch 128)")
+    parser.add_argument("--steps", type=int, default=600, help="Adam steps per Fashion-MNIST model (batch 128)")
+    parser.add_argument("--cifar-steps", type=int, default=1000, help="Adam steps per CIFAR-10 model (batch 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=FMNIST)
+    parser.add_argument("--data", type=Path, default=FMNIST, help="Fashion-MNIST")
+    parser.add_argument("--cifar10", type=Path, default=CIFAR10, help="CIFAR-10 (folder or .tar.gz of JPEGs)")
     parser.add_argument("--validate", type=int, default=5)
     parser.add_argument("--limit", type=int, default=0, help="the first N test images (0: all 10,000)")
     parser.add_argument("--keep", type=Path, help="keep the ONNX files and artifacts here")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy_dag")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
-    if any(n not in MODELS for n in names) or not args.data.exists():
-        print(f"error: models must be among {', '.join(MODELS)}; data at {args.data}", file=sys.stderr)
+    folders = {"fashion-mnist": args.data, "cifar10": args.cifar10}
+    if any(n not in MODELS for n in names):
+        print(f"error: --models: choose among {', '.join(MODELS)}", file=sys.stderr)
         return 2
+    for name in names:
+        if not folders[MODELS[name][3]].exists():
+            print(f"error: {folders[MODELS[name][3]]}: no {MODELS[name][3]} data for {name}; pass its folder", file=sys.stderr)
+            return 2
     torch.set_num_threads(1)
     started = time.perf_counter()
-    train_data = load_dataset(args.data, "train")
-    test = load_dataset(args.data, "test")
-    if args.limit:
-        test = test.subset(args.limit)
-    result: dict[str, Any] = {"machine": describe_machine(), "train_steps": args.steps, "seed": args.seed,
-                              "test_samples": len(test), "models": {}, "rows": [], "spiking_maxpool": {}}
+    result: dict[str, Any] = {"machine": describe_machine(), "train_steps": args.steps, "cifar_steps": args.cifar_steps,
+                              "seed": args.seed, "test_samples": "", "models": {}, "rows": [], "spiking_maxpool": {}}
+    loaded: dict[str, tuple[Dataset, Dataset, Path, Path]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        test_data = args.data
-        if args.limit:  # the command reads its --data: hand it the subset as an .npz
-            test_data = folder / f"fmnist_test_{len(test)}.npz"
-            np.savez(test_data, x=test.x, y=test.y)
+
+        def data_for(dataset: str) -> tuple[Dataset, Dataset, Path, Path]:
+            """Training and test sets, and the paths the command reads them from."""
+            if dataset not in loaded:
+                train_data, test = load_dataset(folders[dataset], "train"), load_dataset(folders[dataset], "test")
+                calib_path = test_path = folders[dataset]
+                if dataset == "cifar10":  # decode the JPEGs once, not in every build: the same images as .npz
+                    calib_path, test_path = folder / "cifar10_train.npz", folder / "cifar10_test.npz"
+                    np.savez(calib_path, x=train_data.x, y=train_data.y)
+                if args.limit:
+                    test = test.subset(args.limit)
+                if args.limit or dataset == "cifar10":
+                    test_path = folder / f"{dataset}_test_{len(test)}.npz"
+                    np.savez(test_path, x=test.x, y=test.y)
+                loaded[dataset] = (train_data, test, calib_path, test_path)
+            return loaded[dataset]
+
         for name in names:
-            factory, description, has_maxpool = MODELS[name]
+            factory, description, has_maxpool, dataset = MODELS[name]
+            train_data, test, calib_path, test_path = data_for(dataset)
+            result["test_samples"] = (
+                f"the first {args.limit} test images" if args.limit else "the whole test set (10,000 images)"
+            )
             torch.manual_seed(args.seed)
             model = factory()
-            info = train(model, train_data, args.steps, args.seed)
-            info.update({"description": description, "parameters": sum(p.numel() for p in model.parameters())})
+            info = train(model, train_data, args.cifar_steps if dataset == "cifar10" else args.steps, args.seed)
+            info.update({"description": description, "parameters": sum(p.numel() for p in model.parameters()),
+                         "data": dataset})
             result["models"][name] = info
-            onnx_file = folder / f"fmnist_{name}.onnx"
-            export(model, onnx_file)
+            onnx_file = folder / f"{dataset}_{name}.onnx"
+            export(model, onnx_file, tuple(train_data.x.shape[1:]))
             runs = [(32, "relu" if has_maxpool else "-", [])]
             if has_maxpool:
                 runs += [(64, "relu", []), (64, "avg", ["--maxpool", "avg"])]
             for steps, policy, extra in runs:
-                row = toolchain_build(onnx_file, folder / f"{name}_T{steps}_{policy}", steps, args.data, test_data,
-                                      extra, args.validate)
-                result["rows"].append({"model": name, "T": steps, "maxpool": policy, **row})
+                row = toolchain_build(onnx_file, folder / f"{name}_T{steps}_{policy}", steps, calib_path, test_path,
+                                      extra, args.validate, DATA_NAMES[dataset])
+                result["rows"].append({"model": name, "data": dataset, "T": steps, "maxpool": policy, **row})
             if has_maxpool:
                 for steps in (32, 64):
-                    result["spiking_maxpool"][f"{name}@{steps}"] = float_spiking_maxpool(onnx_file, args.data, test, steps)
+                    result["spiking_maxpool"][f"{name}@{steps}"] = float_spiking_maxpool(
+                        onnx_file, calib_path, test, steps
+                    )
             write_results(args.out, {**result, "seconds": round(time.perf_counter() - started, 1)},
                           markdown({**result, "seconds": time.perf_counter() - started}))
     result["seconds"] = round(time.perf_counter() - started, 1)
