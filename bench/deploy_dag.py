@@ -250,7 +250,7 @@ def markdown(result: dict[str, Any]) -> str:
         "`toolchain build MODEL --target lava --calib DATA --data DATA --validate 5 -T T` (so with the default "
         "`--calibrate auto` at T); accuracies on "
         f"{result['test_samples']}; Lava compared with the emulator at every population "
-        f"and step on 5 of them. Written by `bench/deploy_dag.py` ({result['seconds'] / 60:.0f} minutes).",
+        f"and step on {result['validate']} of them. Written by `bench/deploy_dag.py` ({result['seconds'] / 60:.0f} minutes).",
         "",
         "| model | data | T | max-pool | ANN | float SNN | fixed point | fixed - float | Lava == emulator | "
         "populations | Loihi 1 cores | Loihi 2 cores |",
@@ -263,7 +263,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         gap = "-" if r.get("fixed") is None or r.get("float") is None else f"{r['fixed'] - r['float']:+.2f}"
         if r.get("lava_equal"):
-            lava = "yes (5 samples)"
+            lava = f"yes ({result['validate']} samples)"
         else:
             lava = f"no: {r.get('lava')}" if r.get("lava") else f"build failed (exit {r['exit']})"
         lines.append(
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     result: dict[str, Any] = {"machine": describe_machine(), "train_steps": args.steps, "cifar_steps": args.cifar_steps,
-                              "seed": args.seed, "test_samples": "", "models": {}, "rows": [], "spiking_maxpool": {}}
+                              "seed": args.seed, "validate": args.validate, "test_samples": "", "models": {}, "rows": [],
+                              "spiking_maxpool": {}}
     loaded: dict[str, tuple[Dataset, Dataset, Path, Path]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)

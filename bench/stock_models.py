@@ -22,8 +22,9 @@ favours the peer) runs the same ONNX model through onnx2torch on the same images
 `PYTHONPATH` with spikingjelly and onnx2torch and is skipped when they are missing, and it
 cannot convert ReLU6 (a Clip in ONNX).
 
+    PYTHONPATH=/work/sj OMP_NUM_THREADS=1 python bench/stock_models.py --models-dir /tmp/stock
     PYTHONPATH=/work/sj OMP_NUM_THREADS=1 python bench/stock_models.py --models-dir /tmp/stock \\
-        --data ../shared/data/fashion-mnist
+        --dataset cifar10 --models resnet vgg --out bench/results/stock_models_cifar10
 
 Writes bench/results/stock_models.{json,md}.
 """
@@ -73,11 +74,16 @@ FLAGS = {
 SJ_MODES: list[Any] = ["max", "99.9%", "99.99%", 0.5, 0.25]
 
 
-def ensure_models(names: list[str], folder: Path, data: Path, train_steps: int) -> None:
-    missing = [n for n in names if not (folder / f"fmnist_{n}.onnx").exists()]
+PREFIX = {"fashion-mnist": "fmnist", "cifar10": "cifar10"}  # train_stock.py's file names
+DATA_TITLE = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (JPEG copy)"}
+
+
+def ensure_models(names: list[str], folder: Path, data: Path, dataset: str, train_steps: int) -> None:
+    missing = [n for n in names if not (folder / f"{PREFIX[dataset]}_{n}.onnx").exists()]
     if missing:
         subprocess.run([sys.executable, str(ROOT / "bench" / "stock" / "train_stock.py"), "--data", str(data),
-                        "--out", str(folder), "--steps", str(train_steps), "--models", *missing], check=True)  # fmt: skip
+                        "--dataset", dataset, "--out", str(folder), "--steps", str(train_steps), "--models", *missing],
+                       check=True)  # fmt: skip
 
 
 def snn_accuracy(model: Path, options: dict[str, Any], budget: int, test: Dataset, args: argparse.Namespace,
@@ -86,7 +92,7 @@ def snn_accuracy(model: Path, options: dict[str, Any], budget: int, test: Datase
     if kwargs.get("v0") == "optimal":
         kwargs["v0_steps"] = budget
     started = time.perf_counter()
-    result = build(BuildOptions(model=model, calib=args.data, calib_size=args.calib_size, steps=budget,
+    result = build(BuildOptions(model=model, calib=args.calib_path, calib_size=args.calib_size, steps=budget,
                                 device=args.device, **kwargs))  # fmt: skip
     seconds = time.perf_counter() - started
     target = open_target("torch", None, args.device)
@@ -108,9 +114,10 @@ def spikingjelly_accuracy(model: Path, train: Dataset, test: Dataset, calib_size
     except ImportError as exc:
         return {"error": f"not installed ({exc})"}
     index = np.linspace(0, len(train) - 1, calib_size).astype(np.int64)
-    calib = torch.tensor(train.x[index], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    shape = (-1, *train.x.shape[1:])
+    calib = torch.tensor(train.x[index], dtype=torch.float32).reshape(shape) / 255.0
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib, torch.zeros(len(calib))), batch_size=100)
-    x = torch.tensor(test.x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    x = torch.tensor(test.x, dtype=torch.float32).reshape(shape) / 255.0
     out: dict[str, Any] = {}
     for mode in SJ_MODES:
         try:
@@ -142,7 +149,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# Stock ReLU models at low latency: latency calibration (`--calib DATA -T T`) vs SpikingJelly",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores, shared), Python {m['python']}, torch {m['torch']}, {m['date']}. "
-        f"Fashion-MNIST models in plain torch (batch norm, plain ReLU / ReLU6), trained by "
+        f"{DATA_TITLE[result['dataset']]} models in plain torch (batch norm, plain ReLU / ReLU6), trained by "
         f"`bench/stock/train_stock.py` (Adam steps: {trained}), default `torch.onnx.export`, no metadata. "
         f"Each cell: a network built for that T (`-T T`, {result['calib_size']} calibration images from the "
         f"training set) and run for T steps; float SNN (torch target) on the first {result['limit']} test images. "
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet", "vgg", "densenet", "mobilenet"])
     parser.add_argument("--models-dir", type=Path, required=True, help="ONNX files from bench/stock/train_stock.py")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-mnist")
+    parser.add_argument("--dataset", choices=tuple(PREFIX), default="fashion-mnist")
+    parser.add_argument("--data", type=Path, help="its folder (default ../shared/data/DATASET)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--budgets", type=int, nargs="+", default=STEPS, help="T values to build for")
     parser.add_argument(
@@ -207,15 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-spikingjelly", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stock_models")
     args = parser.parse_args(argv)
+    args.data = args.data or ROOT.parent / "shared" / "data" / args.dataset
     torch.set_num_threads(1)
     started = time.perf_counter()
-    ensure_models(args.models, args.models_dir, args.data, args.train_steps)
+    ensure_models(args.models, args.models_dir, args.data, args.dataset, args.train_steps)
     train = load_dataset(args.data, "train")
     test = load_dataset(args.data, "test").subset(args.limit)
-    result: dict[str, Any] = {"machine": describe_machine(), "train_steps": args.train_steps, "limit": len(test),
+    args.calib_path = args.data
+    if args.dataset == "cifar10":  # decode the JPEGs once, not in every build: the same images as .npz
+        args.calib_path = args.models_dir / "cifar10_train.npz"
+        np.savez(args.calib_path, x=train.x, y=train.y)
+    result: dict[str, Any] = {"machine": describe_machine(), "dataset": args.dataset, "train_steps": args.train_steps,
+                              "limit": len(test),
                               "calib_size": args.calib_size, "settings": args.settings, "models": {}}  # fmt: skip
     for name in args.models:
-        model = args.models_dir / f"fmnist_{name}.onnx"
+        model = args.models_dir / f"{PREFIX[args.dataset]}_{name}.onnx"
         reference = OnnxReference(model)
         entry: dict[str, Any] = {"file": model.name, "methods": {}}
         info_file = model.with_suffix(".json")

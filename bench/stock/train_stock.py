@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 
@@ -34,6 +37,24 @@ def read_idx(path: Path) -> np.ndarray:
 def load(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor(read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"), dtype=torch.float32).unsqueeze(1) / 255.0
     return x, torch.tensor(read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz"), dtype=torch.long)
+
+
+CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
+
+def load_cifar10(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`{split}/<class>/*.jpg` from cifar10-jpeg-{split}.tar.gz, as (N, 3, 32, 32) / 255."""
+    images, labels = [], []
+    with tarfile.open(folder / f"cifar10-jpeg-{split}.tar.gz") as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) >= 2 and parts[-2] in CIFAR10_CLASSES:
+                handle = archive.extractfile(member)
+                assert handle is not None
+                images.append(np.asarray(Image.open(io.BytesIO(handle.read())).convert("RGB")))
+                labels.append(CIFAR10_CLASSES.index(parts[-2]))
+    x = torch.tensor(np.stack(images), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    return x.contiguous(), torch.tensor(labels, dtype=torch.long)
 
 
 class Block(nn.Module):
@@ -56,9 +77,9 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, channels: int = 1, side: int = 28, width: int = 16) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, width, 3, 2, 1, bias=False)  # 14x14
+        self.conv = nn.Conv2d(channels, width, 3, 2, 1, bias=False)  # side / 2
         self.bn = nn.BatchNorm2d(width)
         self.layers = nn.Sequential(Block(width, width, 1), Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1))
         self.fc = nn.Linear(2 * width, 10)
@@ -69,11 +90,11 @@ class ResNet(nn.Module):
 
 
 class VGG(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 1, side: int = 28) -> None:
         super().__init__()
         cfg = [16, "M", 32, 32, "M", 64, "M"]
         layers: list[nn.Module] = []
-        cin = 1
+        cin = channels
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
@@ -81,14 +102,14 @@ class VGG(nn.Module):
                 layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
                 cin = int(v)
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Linear(64 * 3 * 3, 64), nn.ReLU(inplace=True), nn.Linear(64, 10))
+        self.classifier = nn.Sequential(nn.Linear(64 * (side // 8) ** 2, 64), nn.ReLU(inplace=True), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
 class MobileNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 1, side: int = 28) -> None:
         super().__init__()
 
         def dw(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -98,7 +119,7 @@ class MobileNet(nn.Module):
             ]  # fmt: skip
 
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True),
+            nn.Conv2d(channels, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(inplace=True),
             *dw(16, 32, 1), *dw(32, 64, 2), *dw(64, 64, 1),
         )  # fmt: skip
         self.fc = nn.Linear(64, 10)
@@ -120,9 +141,9 @@ class DenseLayer(nn.Module):
 
 
 class DenseNet(nn.Module):
-    def __init__(self, growth: int = 12) -> None:
+    def __init__(self, channels: int = 1, side: int = 28, growth: int = 12) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(channels, 16, 3, padding=1, bias=False)
         c = 16
         blocks: list[nn.Module] = []
         for stage in range(2):
@@ -150,37 +171,52 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000)) / len(y)
 
 
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random horizontal flips and 4-pixel translations (zero padding)."""
+    flip = torch.rand(len(x)) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (4, 4, 4, 4))
+    dx, dy = torch.randint(0, 9, (2,))
+    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/fashion-mnist"))
+    parser.add_argument("--dataset", choices=("fashion-mnist", "cifar10"), default="fashion-mnist")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    x, y = load(args.data, "train")
-    xt, yt = load(args.data, "t10k")
+    if args.dataset == "cifar10":  # flips and 4-pixel crops, as CIFAR-10 scripts usually train
+        (x, y), (xt, yt), prefix = load_cifar10(args.data, "train"), load_cifar10(args.data, "test"), "cifar10"
+    else:
+        (x, y), (xt, yt), prefix = load(args.data, "train"), load(args.data, "t10k"), "fmnist"
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         torch.manual_seed(args.seed)
-        model = MODELS[name]()
+        model = MODELS[name](x.shape[1], x.shape[2])
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
         started = time.time()
         model.train()
         for _ in range(args.steps):
             batch = torch.randint(len(y), (128,))
-            loss = F.cross_entropy(model(x[batch]), y[batch])
+            inputs = x[batch]
+            if args.dataset == "cifar10":
+                inputs = augment(inputs)
+            loss = F.cross_entropy(model(inputs), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
         test = accuracy(model, xt, yt)
-        torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(args.out / f"fmnist_{name}.onnx"), dynamo=False)
-        info = {"model": name, "dataset": "fashion-mnist", "preprocess": "x / 255", "test_accuracy": test,
+        torch.onnx.export(model, (torch.zeros(1, *x.shape[1:]),), str(args.out / f"{prefix}_{name}.onnx"), dynamo=False)
+        info = {"model": name, "dataset": args.dataset, "preprocess": "x / 255", "test_accuracy": test,
                 "steps": args.steps, "seconds": round(time.time() - started, 1),
                 "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
-        (args.out / f"fmnist_{name}.json").write_text(json.dumps(info, indent=1))
+        (args.out / f"{prefix}_{name}.json").write_text(json.dumps(info, indent=1))
         print(json.dumps(info), flush=True)
 
 
