@@ -297,10 +297,13 @@ def _mean_channels(w: Path):
 
 
 def _steps_beyond_overflow_free(w: Path):
-    return ["build", w / "model.onnx", "--target", "loihi", "--calib", w / "data.npz", "-T", "2000000000", "-o", w / "fixed"], [
-        "-T 2000000000",
-        "overflow-free",
-    ]
+    return ["build", w / "model.onnx", "--target", "loihi", "--calib", w / "data.npz", "--calibrate", "none",
+            "-T", "2000000000", "-o", w / "fixed"], ["-T 2000000000", "overflow-free"]  # fmt: skip
+
+
+def _calibration_beyond_memory(w: Path):  # latency calibration at -T holds every step of a layer
+    return ["build", w / "model.onnx", "--calib", w / "data.npz", "--calibrate", "threshold",
+            "-T", "2000000000", "-o", w / "fixed"], ["-T 2000000000", "--calibrate none"]  # fmt: skip
 
 
 def _output_is_a_device(w: Path):  # --force replaces files and folders, never a device
@@ -322,8 +325,8 @@ CASES: list[Case] = [
     _export_over_user_file, _export_opset, _mean_digit, _fixed_graph_edit, _ann_replaced, _no_manifest, _foreign_types,
     _foreign_shape, _foreign_threshold, _foreign_fixed_weights, _ann_external_data_outside, _idx_huge, _idx_2d,
     _npz_truncated, _corrupt_jpeg, _mixed_sizes, _labels_2d, _labels_nan, _labels_beyond_outputs, _empty, _nan_pixels,
-    _wide_int_pixels, _std_zero, _scale_nan, _mean_channels, _steps_beyond_overflow_free, _output_holds_the_model,
-    _output_is_a_device, _fake_tarball,
+    _wide_int_pixels, _std_zero, _scale_nan, _mean_channels, _steps_beyond_overflow_free, _calibration_beyond_memory,
+    _output_holds_the_model, _output_is_a_device, _fake_tarball,
 ]  # fmt: skip
 
 

@@ -267,7 +267,8 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
     print(f"  SNN float (torch)        {100 * runs['torch'].snn_accuracy()[args.steps]:6.2f} %")
     if "loihi" in runs:
         print(f"  SNN fixed point (loihi)  {100 * runs['loihi'].snn_accuracy()[args.steps]:6.2f} %")
-    hint = accuracy_hint(args, ann_accuracy - runs["torch"].snn_accuracy()[args.steps], result.log["layers"])
+    gap = ann_accuracy - runs["torch"].snn_accuracy()[args.steps]
+    hint = accuracy_hint(args, gap, result.log["layers"], result.log.get("latency_calibration"))
     if hint:
         print(hint)
     status = 0
@@ -296,14 +297,20 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
 HINT_GAP_POINTS = 1.0
 
 
-def accuracy_hint(args: argparse.Namespace, gap: float, layers: list[dict[str, Any]]) -> str | None:
+def accuracy_hint(
+    args: argparse.Namespace, gap: float, layers: list[dict[str, Any]], calibration: dict[str, Any] | None
+) -> str | None:
     """What to try when the float SNN lags its ANN at the build's T: the conversion options not used yet."""
     if 100 * gap <= HINT_GAP_POINTS:
         return None
     tries = []
-    if args.v0 != "optimal":
-        tries.append(f"--v0 optimal --v0-T {args.steps} (fits v0 to the ANN at this T)")
     sources = [layer["source"] for layer in layers]
+    if calibration is not None and "v0" not in calibration["methods"]:
+        tries.append("--calibrate threshold,bias,v0 (also fits v0, per layer, at this T)")
+    elif calibration is None and args.calibrate == "none" and any(s != "ceiling" for s in sources):
+        tries.append(f"leaving out --calibrate none (fits thresholds and biases to the ANN at T={args.steps})")
+    elif calibration is None and args.v0 != "optimal":
+        tries.append(f"--v0 optimal --v0-T {args.steps} (fits v0 to the ANN at this T)")
     # `auto` already takes its data thresholds per channel: suggest --per-channel only where it acts.
     if any(s != "ceiling" and "per channel" not in s for s in sources):
         tries.append("--per-channel (one threshold per channel: batch-normalised models often need it)")

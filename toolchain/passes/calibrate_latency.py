@@ -58,6 +58,7 @@ THRESHOLD_REFINE = [10 ** (k / 30) for k in (-2, -1, 1, 2)]  # thirds of the coa
 # The fit holds every sample's T-step stacks of one layer: it takes at most this many
 # sample-steps (512 samples at T=16, 128 at T=64), and at most what the memory budget allows.
 SAMPLE_STEPS = 512 * 16
+MIN_SAMPLES = 16  # fewer make the per-channel statistics noise
 BIAS_ROUNDS = 3
 BIASED = (ir.Conv2d, ir.Linear, ir.ScaleShift)  # synapses whose bias can take a correction
 
@@ -115,7 +116,14 @@ def calibrate_for_latency(
     started, cpu_started = time.perf_counter(), time.process_time()
     snn_exec = TorchExecutor(snn, device)
     ann_exec = TorchExecutor(ann, snn_exec.device)
-    x = x[: max(16, min(v0_samples(snn_exec, steps, len(x), memory_budget), SAMPLE_STEPS // steps))]
+    per_sample = snn_exec.peak_bytes_per_sample(steps) + snn_exec.largest_stack_bytes_per_sample(steps)
+    if MIN_SAMPLES * per_sample > memory_budget:  # the fit holds every step of a layer for its samples
+        raise ToolchainError(
+            f"{option('steps', steps)}: calibrating for {steps} steps needs {MIN_SAMPLES * per_sample / 2**30:.1f} GiB "
+            f"for {MIN_SAMPLES} samples (budget {memory_budget / 2**30:.0f} GiB); build for fewer steps, or pass "
+            f"{option('calibrate', 'none')}"
+        )
+    x = x[: max(MIN_SAMPLES, min(v0_samples(snn_exec, steps, len(x), memory_budget), SAMPLE_STEPS // steps))]
     report = LatencyCalibration(steps, methods, len(x))
     ann_by_name = {c.node.name: c for c in ann_exec.compiled}
     xt = torch.as_tensor(x).to(snn_exec.device)
