@@ -71,6 +71,20 @@ def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
     assert report.spikes_compared > 0 and "identical" in report.summary()
 
 
+@pytest.mark.parametrize("variant", ["basic", "concat"])
+@needs_lava
+def test_residual_weight_synapses_are_spike_exact(variant):
+    """`--residual-weights`: every synapse and its rounding-error twin are two Lava connections into one
+    dendrite, with one delay."""
+    from toolchain.validate import validate
+
+    snn = make_snn(0, variant)
+    fixed = quantize(snn, input_range=(0, 1), residual_weights="on")
+    assert any(len(layer.synapses) > len({s.source for s in layer.synapses}) for layer in fixed.layers)
+    report = validate(fixed, make_inputs(snn, 2), 10)
+    assert report.ok, report.summary()
+
+
 @needs_lava
 def test_per_channel_initial_potentials_are_spike_exact():
     """`--v0 optimal` gives one v0 per channel under a shared threshold: Lava's initial voltages."""

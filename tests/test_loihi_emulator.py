@@ -248,6 +248,7 @@ FAST_CASES = [
     ({"threshold_bits": 16}, 40, {"synapse": "float32", "membrane": "float32", "saturation_checks": True}),
     ({"threshold_bits": 16, "input_bits": 16}, 24, {"synapse": "float64", "membrane": "float64", "saturation_checks": True}),
     ({"threshold_bits": 4, "weight_bits": 3}, 300, {"synapse": "float32", "membrane": "float32", "saturation_checks": False}),
+    ({"residual_weights": "on"}, 20, {"membrane": "float32"}),  # two synapses per source, exponents 7 apart
 ]
 
 

@@ -284,3 +284,30 @@ def test_relu_maxpool_is_the_anns_max_and_lowers_to_conv_synapses():
     assert from_act1.weight.shape[2:] == (6, 6) and from_act1.stride == (2, 2)
     first = fixed.layer("pool1/max0_0/relu")
     assert len(first.synapses) == 1  # a - b from one source: one synapse, weights summed
+
+
+@pytest.mark.parametrize("variant", ["basic", "residual", "concat"])
+def test_residual_weights_hold_each_synapses_rounding_error(variant):
+    """`residual_weights`: each synapse gets a twin from the same source holding its rounding error at a
+    finer exponent; the pair's weight error is far below 8-bit rounding's, and the fixed-point readout
+    follows the float SNN more closely."""
+    steps = 32
+    snn = make_snn(0, variant)
+    x = make_inputs(snn, 32)
+    floating = torch_target(device="cpu")
+    floating.prepare(snn)
+    expected = floating.run(x, steps).readout[-1]
+    errors, deviation = {}, {}
+    for residual in ("off", "on"):
+        fixed = quantize(snn, input_range=(0, 1), residual_weights=residual)
+        target = make_target(device="cpu", fixed=fixed)
+        target.prepare(fixed)
+        deviation[residual] = float(np.abs(target.run(x, steps).readout[-1] - expected).mean())
+        errors[residual] = {layer.name: layer.stats["weight_rel_l2"] for layer in fixed.layers}
+        if residual == "on":
+            for layer in fixed.layers:
+                pairs = [s for s in layer.synapses if s.weight_exp < max(t.weight_exp for t in layer.synapses)]
+                assert len(layer.synapses) > len({s.source for s in layer.synapses}) and pairs, layer.name
+    for name, error in errors["off"].items():
+        assert errors["on"][name] < error / 20, (name, error, errors["on"][name])
+    assert deviation["on"] < deviation["off"], deviation

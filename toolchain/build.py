@@ -52,6 +52,7 @@ class BuildOptions:
     maxpool: str | None = None  # None: "relu" for fixed-point targets (no synapse holds a max), else "spiking"
     steps: int = 32  # the latency budget: T that `calibrate` fits for and the checks after a build run at
     calibrate: str = "auto"  # auto | none | comma list of calibrate_latency.METHODS
+    residual_weights: str = "auto"  # fixed point: a second synapse for a synapse's rounding error (quantize)
     scale: float | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -81,10 +82,15 @@ def maxpool_policy(options: BuildOptions) -> str:
 
 def build(options: BuildOptions) -> BuildResult:
     """The whole build: the SNN, and its fixed-point network where `options.target` runs one."""
+    if options.residual_weights == "on" and graph_kind(options.target) != "fixed":
+        raise ToolchainError(
+            f"{option('residual_weights', 'on')} shapes fixed-point synapses: use it with a loihi or lava target, "
+            f"not {option('target', options.target)}"
+        )
     result = build_snn(options)
     if graph_kind(options.target) == "fixed":
         try:
-            result.fixed = quantize(result.snn)
+            result.fixed = quantize(result.snn, residual_weights=options.residual_weights)
         except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
             raise TargetMismatch(f"{options.model}: {exc}") from None
         result.log["fixed_point"] = result.fixed.report()

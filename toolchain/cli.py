@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the SNN to the ANN at -T on --calib data, layer by layer: auto (threshold,bias on layers "
         "without trained ceilings), none, or a list of threshold,bias,v0 (every layer)",
     )
+    build.add_argument(
+        "--residual-weights", default="auto", choices=("auto", "on", "off"),  # passes.quantize.RESIDUAL_POLICIES
+        help="loihi/lava: a second 8-bit synapse holding a synapse's rounding error (about 15-bit weights, twice "
+        "its synaptic memory); auto: where one weight step exceeds 1/64 of the neuron's threshold",
+    )  # fmt: skip
     build.add_argument("--data", type=Path, help="test data for --validate and the accuracy summary")
     build.add_argument("--validate", type=_count(0), default=0, metavar="N", help="lava: compare N samples spike for spike")
     build.add_argument("--report", action="store_true", help="also write a report (needs --data)")
@@ -168,6 +173,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         maxpool=args.maxpool,
         steps=args.steps,
         calibrate=args.calibrate,
+        residual_weights=args.residual_weights,
         scale=args.scale,
         mean=args.mean,
         std=args.std,
@@ -271,6 +277,12 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
     hint = accuracy_hint(args, gap, result.log["layers"], result.log.get("latency_calibration"))
     if hint:
         print(hint)
+    if "loihi" in runs and args.residual_weights != "on":
+        fixed_gap = runs["torch"].snn_accuracy()[args.steps] - runs["loihi"].snn_accuracy()[args.steps]
+        if 100 * fixed_gap > FIXED_HINT_GAP_POINTS:
+            print(f"hint: the fixed-point SNN is {100 * fixed_gap:.1f} points below the float SNN; try "
+                  "--residual-weights on (a second 8-bit synapse holds each weight's rounding error: twice the "
+                  "synaptic memory)")
     status = 0
     if args.validate:
         from toolchain.validate import validate
@@ -295,6 +307,7 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
 
 # An SNN this far below its ANN (points of accuracy) at the build's T gets the hint below.
 HINT_GAP_POINTS = 1.0
+FIXED_HINT_GAP_POINTS = 0.3  # fixed point against float beyond this: 8-bit weights are the usual cause
 
 
 def accuracy_hint(

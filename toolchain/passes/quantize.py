@@ -467,6 +467,12 @@ def _lower_term(term: _Term, in_shape: Shape, max_entries: int, target: str) -> 
     return _Synapse(term.source, "dense", matrix / area, in_shape, pool, nodes=names)
 
 
+RESIDUAL_POLICIES = ("auto", "on", "off")
+# "auto" adds a residual synapse where one mantissa step is more than this fraction of the target's
+# threshold: the largest weight then exceeds ~2 thresholds per spike, and 8 bits leave the small ones
+# (most of them) too coarse. Stock networks with batch norm after a ReLU or beside a concatenation hit
+# this (steps of 1/50 to 0.9 threshold measured); the models trained here stay below 1/150.
+RESIDUAL_STEP = 1 / 64
 MAX_ROW_RATIO = 8.0  # quantize()'s default bound on a channel's weight peak against the median channel's
 
 
@@ -562,6 +568,39 @@ def _quantize_synapses(normalised: list[np.ndarray], threshold_bits: int, qmax: 
     return qs, exps, theta
 
 
+def _add_residual_synapses(
+    synapses: list[_Synapse],
+    normalised: list[np.ndarray],
+    qs: list[np.ndarray],
+    exps: list[int],
+    theta: int,
+    qmax: int,
+    chosen: list[bool],
+) -> tuple[list[_Synapse], list[np.ndarray], list[int], np.ndarray]:
+    """Each synapse's rounding error as one more synapse of the same shape: W' * Theta ~=
+    q * 2**e + r * 2**e_r, with e_r the smallest exponent that holds the error (about e - 7).
+
+    Loihi sums every synapse into the dendrite, so the pair acts as one wider weight; both
+    take the same path, so they need the same delay. Returns the synapses, mantissas and
+    exponents with the residual ones (of the `chosen` synapses) appended, and the dequantised weights (threshold units)."""
+    out_syn, out_q, out_e = list(synapses), list(qs), list(exps)
+    dequant = []
+    for syn, w, q, e, wanted in zip(synapses, normalised, qs, exps, chosen, strict=True):
+        error = w * theta - q.astype(np.float64) * 2.0**e
+        value = q.astype(np.float64) * 2.0**e
+        peak = float(np.abs(error).max(initial=0)) if wanted else 0.0
+        if peak > 0:
+            exp_r = min(max(math.ceil(math.log2(peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
+            q_r = np.clip(np.round(error / 2.0**exp_r), -qmax, qmax).astype(np.int8)
+            if np.any(q_r):
+                out_syn.append(syn)
+                out_q.append(q_r)
+                out_e.append(exp_r)
+                value = value + q_r.astype(np.float64) * 2.0**exp_r
+        dequant.append((value / theta).reshape(-1))
+    return out_syn, out_q, out_e, np.concatenate(dequant)
+
+
 def _quantize_bias(bias_int: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     peak = float(np.abs(bias_int).max()) if bias_int.size else 0.0
     exp = 0 if peak <= BIAS_MANT_MAX else math.ceil(math.log2(peak / BIAS_MANT_MAX))
@@ -613,6 +652,7 @@ def quantize(
     calibration: np.ndarray | None = None,
     max_dense_weights: int = 2**25,
     max_row_ratio: float | None = MAX_ROW_RATIO,
+    residual_weights: str = "auto",
 ) -> FixedGraph:
     """Quantise a converted float SNN graph to the fixed-point IR.
 
@@ -628,7 +668,14 @@ def quantize(
       times the median channel's get their threshold (and v0) raised until it does not; the next layer
       compensates exactly (spikes carry the raised threshold). The float SNN then differs only in
       those channels' ceilings. None or 0 disables it (pure folding).
+    residual_weights: "on" gives every synapse a second one from the same source with the same
+      geometry that holds its rounding error, 2**(weight_bits-1) times finer (`_add_residual_synapses`):
+      about 15-bit weights from 8-bit synapses, for twice the synaptic memory and no more neurons.
+      "auto" does so for the synapses whose mantissa step exceeds RESIDUAL_STEP of the target's
+      threshold (a largest weight of more than about 2 thresholds per spike); "off" never.
     """
+    if residual_weights not in RESIDUAL_POLICIES:
+        raise ToolchainError(f"{option('residual_weights', residual_weights)}: use one of {', '.join(RESIDUAL_POLICIES)}")
     if not 2 <= weight_bits <= 8:
         raise ToolchainError(f"weight_bits={weight_bits}: Loihi weights have 2 to 8 bits")
     if not 1 <= input_bits <= 16:
@@ -667,6 +714,15 @@ def quantize(
         if is_if and max_row_ratio:
             normalised, theta, raised = _balance_rows(normalised, theta, shape, max_row_ratio)
         qs, weight_exps, big_theta = _quantize_synapses(normalised, threshold_bits, qmax)
+        dequant = np.concatenate(
+            [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
+        )
+        single = len(synapses)
+        if residual_weights != "off":
+            coarse = [residual_weights == "on" or 2.0**e > RESIDUAL_STEP * big_theta for e in weight_exps]
+            synapses, qs, weight_exps, dequant = _add_residual_synapses(
+                synapses, normalised, qs, weight_exps, big_theta, qmax, coarse
+            )
 
         # bias: the float graph (biases, shifts, the input offset) with its sources at their base values
         beta = _base_value(graph, population, base_input).reshape(shape)
@@ -685,9 +741,6 @@ def quantize(
             raise ToolchainError(f"layer {target.name!r}: initial potential does not fit the 24-bit membrane")
         v0 = np.round(v0_float).astype(np.int32)
 
-        dequant = np.concatenate(
-            [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
-        )
         bias_eff = (bias_mant.astype(np.float64) * 2.0**bias_exp) / big_theta
         layer = FixedLayer(
             name=target.name,
@@ -723,6 +776,8 @@ def quantize(
             "v0_max_err": round(float(np.abs(v0 / big_theta - v0_float / big_theta).max(initial=0)), 6),
             "safe_steps": _safe_steps(layer, input_max),
         }
+        if len(synapses) > single:
+            layer.stats["residual_synapses"] = len(synapses) - single
         if raised.max() > 1:
             layer.stats["raised_channels"] = int((raised > 1).sum())
             layer.stats["max_raise"] = round(float(raised.max()), 3)
