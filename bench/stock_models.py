@@ -11,8 +11,9 @@ does, once per latency budget T, with `--calib-size` training images:
   v0 fit       `--calibrate none --v0 optimal --v0-T T` (the earlier best for such models)
   threshold    `--calibrate threshold`      (per-channel thresholds fitted at T)
   bias         `--calibrate bias`           (per-channel input-bias correction at T)
-  auto         `--calibrate auto`, i.e. nothing but `--calib DATA -T T`  (threshold, bias)
-  +v0          `--calibrate threshold,bias,v0`
+  threshold,bias  `--calibrate threshold,bias` (Li et al.'s light calibration; the first `auto`)
+  auto         `--calibrate auto`, i.e. nothing but `--calib DATA -T T`  (threshold, v0)
+  +bias        `--calibrate threshold,bias,v0`
 
 The float SNN (torch target) and the ANN (onnxruntime) run on the first `--limit` test
 images; each budget-T build is also evaluated at T/2 and 2T (does fitting for T wreck its
@@ -60,16 +61,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "v0 fit": {"calibrate": "none", "v0": "optimal"},
     "threshold": {"calibrate": "threshold"},
     "bias": {"calibrate": "bias"},
+    "threshold,bias": {"calibrate": "threshold,bias"},
     "auto": {"calibrate": "auto"},
-    "+v0": {"calibrate": "threshold,bias,v0"},
+    "+bias": {"calibrate": "threshold,bias,v0"},
 }
 FLAGS = {
     "defaults": "--calibrate none",
     "v0 fit": "--calibrate none --v0 optimal --v0-T T",
     "threshold": "--calibrate threshold",
     "bias": "--calibrate bias",
-    "auto": "(nothing: --calib DATA -T T)",
-    "+v0": "--calibrate threshold,bias,v0",
+    "threshold,bias": "--calibrate threshold,bias",
+    "auto": "(nothing: --calib DATA -T T; = --calibrate threshold,v0)",
+    "+bias": "--calibrate threshold,bias,v0",
 }
 SJ_MODES: list[Any] = ["max", "99.9%", "99.99%", 0.5, 0.25]
 

@@ -121,8 +121,10 @@ def test_calibration_closes_the_low_T_gap_of_a_stock_residual_network():
     accuracy = {"none": _accuracy(plain.snn, x, test.y, steps), "auto": _accuracy(auto.snn, x, test.y, steps)}
     assert accuracy["auto"] > accuracy["none"] + GAIN, (ann, accuracy)
     calibrated = auto.log["latency_calibration"]["layers"]
-    assert all(row["bias_placed"] for row in calibrated.values())  # every layer's bias has a synapse, residual ones too
-    assert all(row["mse_after"] < row["mse_before"] for row in calibrated.values() if "mse_after" in row)
+    assert all("v0_fraction_mean" in row and "threshold_scale_mean" in row for row in calibrated.values())
+    assert all(row["mse_after"] < row["mse_before"] for row in calibrated.values())
+    biased = build_snn(BuildOptions(**options, calibrate="threshold,bias")).log["latency_calibration"]["layers"]
+    assert all(row["bias_placed"] for row in biased.values())  # every layer's bias has a synapse, residual ones too
 
 
 def test_fixed_point_keeps_what_the_calibration_fitted():

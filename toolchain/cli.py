@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--calibrate",
         default="auto",
-        help="fit the SNN to the ANN at -T on --calib data, layer by layer: auto (threshold,bias on layers "
+        help="fit the SNN to the ANN at -T on --calib data, layer by layer: auto (threshold,v0 on layers "
         "without trained ceilings), none, or a list of threshold,bias,v0 (every layer)",
     )
     build.add_argument(
@@ -318,8 +318,8 @@ def accuracy_hint(
         return None
     tries = []
     sources = [layer["source"] for layer in layers]
-    if calibration is not None and "v0" not in calibration["methods"]:
-        tries.append("--calibrate threshold,bias,v0 (also fits v0, per layer, at this T)")
+    if calibration is not None and "bias" not in calibration["methods"]:
+        tries.append("--calibrate threshold,bias,v0 (also corrects each channel's input bias, per layer, at this T)")
     elif calibration is None and args.calibrate == "none" and any(s != "ceiling" for s in sources):
         tries.append(f"leaving out --calibrate none (fits thresholds and biases to the ANN at T={args.steps})")
     elif calibration is None and args.v0 != "optimal":
