@@ -156,8 +156,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"`bench/stock/train_stock.py` (Adam steps: {trained}), default `torch.onnx.export`, no metadata. "
         f"Each cell: a network built for that T (`-T T`, {result['calib_size']} calibration images from the "
         f"training set) and run for T steps; float SNN (torch target) on the first {result['limit']} test images. "
-        f"SpikingJelly: `ann2snn.Converter`, best of modes {', '.join(map(str, SJ_MODES))} at each T (picked on "
-        f"these test images). Written by `bench/stock_models.py` ({result['seconds'] / 60:.1f} minutes).",
+        + (f"SpikingJelly: `ann2snn.Converter`, best of modes {', '.join(map(str, SJ_MODES))} at each T (picked on "
+           "these test images). " if any("spikingjelly" in model for model in result["models"].values())
+           else "SpikingJelly was not run (`--no-spikingjelly`, or not installed). ")
+        + f"Written by `bench/stock_models.py` ({result['seconds'] / 60:.1f} minutes).",
         "",
         *(["**Partial run**: the rows finished so far.", ""] if result.get("partial") else []),
         f"| model | ANN | method | {header} |",

@@ -311,3 +311,23 @@ def test_residual_weights_hold_each_synapses_rounding_error(variant):
     for name, error in errors["off"].items():
         assert errors["on"][name] < error / 20, (name, error, errors["on"][name])
     assert deviation["on"] < deviation["off"], deviation
+
+
+def test_a_long_run_takes_threshold_bits_off_the_populations_that_would_overflow():
+    """quantize(steps=T): a population proven overflow-free for fewer than T steps gets a smaller
+    integer threshold until it is not; the others, and the emulator's agreement with them, are unchanged."""
+    snn = make_snn(0, "basic")
+    plain = quantize(snn, input_range=(0, 1))
+    safe = {layer.name: layer.stats["safe_steps"] for layer in plain.layers}
+    steps = 4 * min(safe.values())
+    long = quantize(snn, input_range=(0, 1), steps=steps)
+    for before, after in zip(plain.layers, long.layers, strict=True):
+        assert after.stats["safe_steps"] >= steps, after.name
+        if safe[before.name] >= steps:
+            assert after.threshold == before.threshold and "threshold_bits" not in after.stats
+        else:
+            assert after.stats["threshold_bits"] < 10 and after.stats["safe_steps"] > before.stats["safe_steps"]
+    x = make_inputs(snn, 8)
+    target = make_target(device="cpu", fixed=long)
+    target.prepare(long)
+    target.run(x, steps)  # raises if any membrane overflowed

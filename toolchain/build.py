@@ -90,7 +90,7 @@ def build(options: BuildOptions) -> BuildResult:
     result = build_snn(options)
     if graph_kind(options.target) == "fixed":
         try:
-            result.fixed = quantize(result.snn, residual_weights=options.residual_weights)
+            result.fixed = quantize(result.snn, residual_weights=options.residual_weights, steps=options.steps)
         except ToolchainError as exc:  # name the user's file: the quantiser only knows the graph's nodes
             raise TargetMismatch(f"{options.model}: {exc}") from None
         result.log["fixed_point"] = result.fixed.report()

@@ -653,6 +653,7 @@ def quantize(
     max_dense_weights: int = 2**25,
     max_row_ratio: float | None = MAX_ROW_RATIO,
     residual_weights: str = "auto",
+    steps: int | None = None,
 ) -> FixedGraph:
     """Quantise a converted float SNN graph to the fixed-point IR.
 
@@ -673,6 +674,9 @@ def quantize(
       about 15-bit weights from 8-bit synapses, for twice the synaptic memory and no more neurons.
       "auto" does so for the synapses whose mantissa step exceeds RESIDUAL_STEP of the target's
       threshold (a largest weight of more than about 2 thresholds per spike); "off" never.
+    steps: the T the network will run. A population whose overflow-free bound (`_safe_steps`) is
+      shorter takes fewer threshold bits until it is not (down to 1), recorded as its
+      `threshold_bits` stat. None keeps threshold_bits everywhere.
     """
     if residual_weights not in RESIDUAL_POLICIES:
         raise ToolchainError(f"{option('residual_weights', residual_weights)}: use one of {', '.join(RESIDUAL_POLICIES)}")
@@ -713,74 +717,83 @@ def quantize(
         raised = np.ones(1)
         if is_if and max_row_ratio:
             normalised, theta, raised = _balance_rows(normalised, theta, shape, max_row_ratio)
-        qs, weight_exps, big_theta = _quantize_synapses(normalised, threshold_bits, qmax)
-        dequant = np.concatenate(
-            [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
-        )
-        single = len(synapses)
-        if residual_weights != "off":
-            coarse = [residual_weights == "on" or 2.0**e > RESIDUAL_STEP * big_theta for e in weight_exps]
-            synapses, qs, weight_exps, dequant = _add_residual_synapses(
-                synapses, normalised, qs, weight_exps, big_theta, qmax, coarse
+        lowered = synapses
+        # A long -T needs membrane headroom: each bit less of threshold doubles the steps
+        # proven free of overflow (weights, bias and v0 shrink with it; the mantissas do not).
+        for bits in range(threshold_bits, 0, -1):
+            synapses = lowered
+            qs, weight_exps, big_theta = _quantize_synapses(normalised, bits, qmax)
+            dequant = np.concatenate(
+                [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
             )
-
-        # bias: the float graph (biases, shifts, the input offset) with its sources at their base values
-        beta = _base_value(graph, population, base_input).reshape(shape)
-        theta_full = per_channel(theta, shape)
-        bias_float = beta / theta_full * big_theta
-        floors = sum(e < 0 for e in weight_exps)
-        if floors:  # these synapses floor (arithmetic shift): compensate their mean error of -1/2 unit each
-            bias_float = bias_float + 0.5 * floors
-        bias_mant, bias_exp = _quantize_bias(bias_float, target.name)
-        if is_if:
-            v0 = per_channel(target.v0, shape) * per_channel(raised, shape)  # type: ignore[attr-defined]
-            v0_float = v0 / theta_full * big_theta
-        else:
-            v0_float = np.zeros(shape)
-        if np.abs(v0_float).max(initial=0) > V_MAX - big_theta:
-            raise ToolchainError(f"layer {target.name!r}: initial potential does not fit the 24-bit membrane")
-        v0 = np.round(v0_float).astype(np.int32)
-
-        bias_eff = (bias_mant.astype(np.float64) * 2.0**bias_exp) / big_theta
-        layer = FixedLayer(
-            name=target.name,
-            kind="if" if is_if else "readout",
-            shape=shape,
-            synapses=[
-                FixedSynapse(
-                    source=syn.source,
-                    kind=syn.synapse,
-                    in_shape=syn.in_shape,
-                    weight=q,
-                    weight_exp=e,
-                    pool=syn.pool,
-                    stride=syn.stride,
-                    padding=syn.padding,
-                    dilation=syn.dilation,
-                    groups=syn.groups,
-                    nodes=list(syn.nodes),
+            single = len(synapses)
+            if residual_weights != "off":
+                coarse = [residual_weights == "on" or 2.0**e > RESIDUAL_STEP * big_theta for e in weight_exps]
+                synapses, qs, weight_exps, dequant = _add_residual_synapses(
+                    synapses, normalised, qs, weight_exps, big_theta, qmax, coarse
                 )
-                for syn, q, e in zip(synapses, qs, weight_exps, strict=True)
-            ],
-            bias_mant=bias_mant,
-            bias_exp=bias_exp,
-            threshold=big_theta if is_if else 0,
-            v0=v0,
-            scale=channel_scalar_or_vector(theta / big_theta),
-            nodes=[n.name for n in population.nodes],
-        )
-        layer.stats = {
-            "weights": int(sum(q.size for q in qs)),
-            "weight_rel_l2": round(_rel_l2(dequant, np.concatenate([w.reshape(-1) for w in normalised])), 6),
-            "bias_max_err": round(float(np.abs(bias_eff - bias_float / big_theta).max(initial=0)), 6),
-            "v0_max_err": round(float(np.abs(v0 / big_theta - v0_float / big_theta).max(initial=0)), 6),
-            "safe_steps": _safe_steps(layer, input_max),
-        }
-        if len(synapses) > single:
-            layer.stats["residual_synapses"] = len(synapses) - single
-        if raised.max() > 1:
-            layer.stats["raised_channels"] = int((raised > 1).sum())
-            layer.stats["max_raise"] = round(float(raised.max()), 3)
+
+            # bias: the float graph (biases, shifts, the input offset) with its sources at their base values
+            beta = _base_value(graph, population, base_input).reshape(shape)
+            theta_full = per_channel(theta, shape)
+            bias_float = beta / theta_full * big_theta
+            floors = sum(e < 0 for e in weight_exps)
+            if floors:  # these synapses floor (arithmetic shift): compensate their mean error of -1/2 unit each
+                bias_float = bias_float + 0.5 * floors
+            bias_mant, bias_exp = _quantize_bias(bias_float, target.name)
+            if is_if:
+                v0 = per_channel(target.v0, shape) * per_channel(raised, shape)  # type: ignore[attr-defined]
+                v0_float = v0 / theta_full * big_theta
+            else:
+                v0_float = np.zeros(shape)
+            if np.abs(v0_float).max(initial=0) > V_MAX - big_theta:
+                raise ToolchainError(f"layer {target.name!r}: initial potential does not fit the 24-bit membrane")
+            v0 = np.round(v0_float).astype(np.int32)
+
+            bias_eff = (bias_mant.astype(np.float64) * 2.0**bias_exp) / big_theta
+            layer = FixedLayer(
+                name=target.name,
+                kind="if" if is_if else "readout",
+                shape=shape,
+                synapses=[
+                    FixedSynapse(
+                        source=syn.source,
+                        kind=syn.synapse,
+                        in_shape=syn.in_shape,
+                        weight=q,
+                        weight_exp=e,
+                        pool=syn.pool,
+                        stride=syn.stride,
+                        padding=syn.padding,
+                        dilation=syn.dilation,
+                        groups=syn.groups,
+                        nodes=list(syn.nodes),
+                    )
+                    for syn, q, e in zip(synapses, qs, weight_exps, strict=True)
+                ],
+                bias_mant=bias_mant,
+                bias_exp=bias_exp,
+                threshold=big_theta if is_if else 0,
+                v0=v0,
+                scale=channel_scalar_or_vector(theta / big_theta),
+                nodes=[n.name for n in population.nodes],
+            )
+            layer.stats = {
+                "weights": int(sum(q.size for q in qs)),
+                "weight_rel_l2": round(_rel_l2(dequant, np.concatenate([w.reshape(-1) for w in normalised])), 6),
+                "bias_max_err": round(float(np.abs(bias_eff - bias_float / big_theta).max(initial=0)), 6),
+                "v0_max_err": round(float(np.abs(v0 / big_theta - v0_float / big_theta).max(initial=0)), 6),
+                "safe_steps": _safe_steps(layer, input_max),
+            }
+            if len(synapses) > single:
+                layer.stats["residual_synapses"] = len(synapses) - single
+            if raised.max() > 1:
+                layer.stats["raised_channels"] = int((raised > 1).sum())
+                layer.stats["max_raise"] = round(float(raised.max()), 3)
+            if steps is None or layer.stats["safe_steps"] >= steps or bits == 1:
+                break
+        if bits < threshold_bits:
+            layer.stats["threshold_bits"] = bits
         layers.append(layer)
         if is_if:
             in_theta[target.name] = theta
