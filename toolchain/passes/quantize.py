@@ -723,11 +723,12 @@ def quantize(
         for bits in range(threshold_bits, 0, -1):
             synapses = lowered
             qs, weight_exps, big_theta = _quantize_synapses(normalised, bits, qmax)
-            dequant = np.concatenate(
-                [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
-            )
             single = len(synapses)
-            if residual_weights != "off":
+            if residual_weights == "off":
+                dequant = np.concatenate(
+                    [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
+                )
+            else:  # the pairs' dequantised weights come back with them
                 coarse = [residual_weights == "on" or 2.0**e > RESIDUAL_STEP * big_theta for e in weight_exps]
                 synapses, qs, weight_exps, dequant = _add_residual_synapses(
                     synapses, normalised, qs, weight_exps, big_theta, qmax, coarse
