@@ -176,11 +176,25 @@ MODELS: dict[str, tuple[Any, str, bool, str]] = {
 DATA_NAMES = {"fashion-mnist": "FMNIST", "cifar10": "CIFAR10"}
 
 
-def export(model: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
-    """The exporter's defaults (opset, names, fixed batch). This torch's default is the dynamo exporter,
-    which needs onnxscript (not installed here): the TorchScript one, `dynamo=False`, with its defaults."""
+def export(model: nn.Module, path: Path, input_shape: tuple[int, ...], exporter: str = "default") -> None:
+    """`default`: the exporter's defaults (opset, names, fixed batch). This torch's default is the dynamo
+    exporter, which needs onnxscript (not installed here): the TorchScript one, `dynamo=False`, with its
+    defaults. `legacy`: the same exporter as older scripts call it (opset 11, no constant folding, the
+    weights listed as graph inputs too, named inputs and outputs, a dynamic batch axis)."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), dynamo=False)
+    if exporter == "default":
+        torch.onnx.export(model, (torch.zeros(1, *input_shape),), str(path), dynamo=False)
+        return
+    torch.onnx.export(model, (torch.zeros(2, *input_shape),), str(path), dynamo=False, opset_version=11,
+                      do_constant_folding=False, keep_initializers_as_inputs=True, input_names=["image"],
+                      output_names=["scores"], dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}})
+
+
+EXPORTERS = {
+    "default": "torch.onnx.export(model, x, path, dynamo=False)",
+    "legacy": "torch.onnx.export(..., opset_version=11, do_constant_folding=False, keep_initializers_as_inputs=True, "
+              "dynamic_axes={batch})",
+}  # fmt: skip
 
 
 # --- the command and what it prints ----------------------------------------------------------
@@ -225,6 +239,16 @@ def toolchain_build(
     return row
 
 
+def same_arrays(a: Path, b: Path) -> bool:
+    """Whether two fixed-point builds hold the same arrays (names and values)."""
+    if not (a.exists() and b.exists()):
+        return False
+    with np.load(a) as left, np.load(b) as right:
+        return sorted(left.files) == sorted(right.files) and all(
+            np.array_equal(left[k], right[k]) for k in left.files
+        )
+
+
 def float_spiking_maxpool(model: Path, data: Path, test: Dataset, steps: int) -> float:
     """The float SNN with the spiking max-pool (the torch target's default), for comparison."""
     from toolchain.backends import open_target
@@ -252,9 +276,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['test_samples']}; Lava compared with the emulator at every population "
         f"and step on {result['validate']} of them. Written by `bench/deploy_dag.py` ({result['seconds'] / 60:.0f} minutes).",
         "",
-        "| model | data | T | max-pool | ANN | float SNN | fixed point | fixed - float | Lava == emulator | "
+        "| model | data | exporter | T | max-pool | ANN | float SNN | fixed point | fixed - float | Lava == emulator | "
         "populations | Loihi 1 cores | Loihi 2 cores |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
 
     def pct(v: float | None) -> str:
@@ -266,11 +290,17 @@ def markdown(result: dict[str, Any]) -> str:
             lava = f"yes ({result['validate']} samples)"
         else:
             lava = f"no: {r.get('lava')}" if r.get("lava") else f"build failed (exit {r['exit']})"
+        exporter = r.get("exporter", "default")
+        if exporter != "default":
+            same = "same fixed-point arrays as default" if r.get("same_fixed_point") else "DIFFERENT fixed point"
+            exporter = f"{exporter} ({r.get('test_images')} images; {same})"
         lines.append(
-            f"| {r['model']} | {r['data']} | {r['T']} | {r['maxpool']} | {pct(r.get('ann'))} | {pct(r.get('float'))} | "
+            f"| {r['model']} | {r['data']} | {exporter} | {r['T']} | {r['maxpool']} | {pct(r.get('ann'))} | "
+            f"{pct(r.get('float'))} | "
             f"{pct(r.get('fixed'))} | {gap} | {lava} | {r.get('populations', '-')} | "
             f"{r.get('loihi1', {}).get('cores', '-')} | {r.get('loihi2', {}).get('cores', '-')} |"
         )
+    lines += ["", "Exporters: " + "; ".join(f"`{k}`: `{v}`" for k, v in EXPORTERS.items()) + "."]
     if result.get("spiking_maxpool"):
         lines += ["", "Float SNN with the spiking max-pool (`--maxpool spiking`, torch target; Loihi has no synapse "
                   "for it), same calibration data and test images:", ""]
@@ -291,8 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="the first N test images (0: all 10,000)")
     parser.add_argument("--keep", type=Path, help="keep the ONNX files and artifacts here")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy_dag")
+    parser.add_argument("--exporters", default="default,legacy", help=f"of {', '.join(EXPORTERS)}; default always runs")
+    parser.add_argument("--legacy-limit", type=int, default=2000, help="test images for the legacy-export rows")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
+    exporters = [e for e in args.exporters.split(",") if e]
+    if any(e not in EXPORTERS for e in exporters):
+        print(f"error: --exporters: choose among {', '.join(EXPORTERS)}", file=sys.stderr)
+        return 2
     folders = {"fashion-mnist": args.data, "cifar10": args.cifar10}
     if any(n not in MODELS for n in names):
         print(f"error: --models: choose among {', '.join(MODELS)}", file=sys.stderr)
@@ -347,7 +383,25 @@ def main(argv: list[str] | None = None) -> int:
             for steps, policy, extra in runs:
                 row = toolchain_build(onnx_file, folder / f"{name}_T{steps}_{policy}", steps, calib_path, test_path,
                                       extra, args.validate, DATA_NAMES[dataset])
-                result["rows"].append({"model": name, "data": dataset, "T": steps, "maxpool": policy, **row})
+                result["rows"].append({"model": name, "data": dataset, "T": steps, "maxpool": policy,
+                                       "exporter": "default", **row})
+            if "legacy" in exporters:
+                # The other export of the same trained model, on fewer images: its fixed-point network must be
+                # the default export's, array for array (so its accuracy on every image is too).
+                legacy_file = folder / f"{dataset}_{name}_legacy.onnx"
+                export(model, legacy_file, tuple(train_data.x.shape[1:]), "legacy")
+                steps, policy, extra = runs[0]
+                limited = test.subset(min(args.legacy_limit, len(test)))
+                limited_path = folder / f"{dataset}_test_{len(limited)}.npz"
+                np.savez(limited_path, x=limited.x, y=limited.y)
+                out = folder / f"{name}_T{steps}_{policy}_legacy"
+                row = toolchain_build(legacy_file, out, steps, calib_path, limited_path, extra, args.validate,
+                                      DATA_NAMES[dataset])
+                row["same_fixed_point"] = same_arrays(out / "fixed_tensors.npz",
+                                                      folder / f"{name}_T{steps}_{policy}" / "fixed_tensors.npz")
+                row["test_images"] = len(limited)
+                result["rows"].append({"model": name, "data": dataset, "T": steps, "maxpool": policy,
+                                       "exporter": "legacy", **row})
             if has_maxpool:
                 for steps in (32, 64):
                     result["spiking_maxpool"][f"{name}@{steps}"] = float_spiking_maxpool(
