@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cut --epochs to fit, rescaling the cosine schedule; the epoch count then depends on the machine's speed",
     )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export (model.pt and result.json only)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUT/train_state.pt (written after every epoch) with the same options; "
+        "the result is the uninterrupted run's",
+    )
     args = parser.parse_args(argv)
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
@@ -234,6 +240,46 @@ def save_checkpoint(model: nn.Module, path: Path, config: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": state}, tmp)
     os.replace(tmp, path)
+
+
+TRAIN_STATE = "train_state.pt"
+# Options that change what is trained: a resumed run must use the ones it started with.
+RESUME_KEYS = ("arch", "width", "dataset", "act", "levels", "lam_init", "epochs", "seed", "batch_size", "recipe",
+               "label_smoothing", "schedule", "warmup_epochs", "translate", "whiten", "optimizer", "lr",
+               "weight_decay", "ceiling_lr_scale", "limit_train", "time_budget")  # fmt: skip
+
+
+def save_train_state(path: Path, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator, progress: dict) -> None:  # fmt: skip
+    """Everything the next epoch depends on (weights, momentum, the data-order and augmentation
+    generator, the schedule's position), so that `--resume` continues exactly where this run stopped."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "options": {key: getattr(args, key) for key in RESUME_KEYS},
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "progress": progress,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: Path, args: argparse.Namespace) -> dict:
+    """The saved state, after checking that it belongs to these options (ValueError names the first that differs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say so in one line
+        raise ValueError(f"{path}: cannot read ({type(exc).__name__}); delete it to start afresh") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a training state written by models.train")
+    for key in RESUME_KEYS:
+        saved, now = state["options"].get(key), getattr(args, key)
+        if saved != now:
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: {path} was trained with {option} {saved}, not {now}; pass the same options")
+    return state
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
@@ -388,6 +434,23 @@ def main(argv: list[str] | None = None) -> int:
     train_acc = 0.0
     train_start = time.time()
     epoch = 0
+    state_path = Path(args.out) / TRAIN_STATE
+    if args.resume and state_path.exists():
+        try:
+            state = load_train_state(state_path, args)
+        except ValueError as exc:
+            return fail(str(exc))
+        model.load_state_dict(state["model"])
+        model = model.to(memory_format=memory_format)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        progress = state["progress"]
+        epoch, step, epochs = progress["epoch"], progress["step"], progress["epochs"]
+        total_steps = epochs * steps_per_epoch
+        train_start -= progress["seconds"]  # train_seconds and the time estimates count the earlier part
+        print(f"resumed from {state_path}: epoch {epoch} of {epochs} done, {progress['seconds']:.0f} s", flush=True)
+    elif args.resume:
+        print(f"--resume: no {state_path} yet, starting at epoch 1", flush=True)
     while epoch < epochs:
         epoch_start = time.time()
         model.train()
@@ -455,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                 if epoch == epochs and limit < len(y_test):
                     test_acc = evaluate(model, x_test, y_test, norm, autocast)
                 print(f"time budget {args.time_budget:.0f} s: training {epochs} epochs", flush=True)
+        save_train_state(state_path, args, model, optimizer, generator,
+                         {"epoch": epoch, "step": step, "epochs": epochs, "seconds": time.time() - train_start})  # fmt: skip
     train_seconds = time.time() - train_start
 
     out = Path(args.out)

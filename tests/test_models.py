@@ -241,6 +241,38 @@ def test_training_is_deterministic_and_exports(tmp_path, capsys):
     assert _ops(first) == _ops(again) and first.metadata_props == again.metadata_props
 
 
+def test_a_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL after the first epoch, then `--resume`: the same weights as a run never stopped
+    (the state file is replaced atomically, so a kill mid-write leaves the previous epoch's)."""
+    import signal
+    import time
+
+    args = ["--arch", "cnn_small", "--dataset", "mnist", "--data", str(CALIB), "--act", "clip", "--epochs", "3",
+            "--limit-train", "1024", "--limit-test", "64", "--batch-size", "64", "--threads", "1", "--device", "cpu",
+            "--no-export"]  # fmt: skip
+    assert train_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    state = tmp_path / "cut" / "train_state.pt"
+    run = subprocess.Popen([sys.executable, "-m", "models.train", *args, "--out", str(state.parent)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while not state.exists() and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    done = torch.load(state, weights_only=False)["progress"]["epoch"]
+    assert done < 3  # killed before the end
+    out = subprocess.run([sys.executable, "-m", "models.train", *args, "--out", str(state.parent), "--resume"],
+                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"epoch {done} of 3 done" in out.stdout and f"epoch {done}/3:" not in out.stdout
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(state.parent / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # other options than the ones it was trained with: one line naming the option, nothing trained
+    again = subprocess.run([sys.executable, "-m", "models.train", *args, "--seed", "1", "--out", str(state.parent),
+                            "--resume"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--seed 0, not 1" in again.stderr
+
+
 def test_onecycle_schedule_rises_then_falls_to_zero():
     lrs = [lr_at(step, 100, 0.4, "onecycle", warmup=20) for step in range(101)]
     peak = lrs.index(max(lrs))
