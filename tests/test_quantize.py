@@ -27,7 +27,7 @@ from toolchain.core.fixed import (
 from toolchain.errors import ToolchainError
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
 from toolchain.passes.convert import convert
-from toolchain.passes.quantize import quantize
+from toolchain.passes.quantize import quantize, unit_threshold_peaks
 
 make_target = functools.partial(get_target, "loihi")
 torch_target = functools.partial(get_target, "torch")
@@ -77,7 +77,7 @@ def test_channels_with_tiny_thresholds_are_raised_and_compensated():
     act1.threshold = act1.threshold.copy()
     act1.threshold[2] /= 200.0  # a channel that hardly ever fired in calibration
     act1.v0 = act1.threshold / 2
-    fixed = quantize(snn, input_range=(0, 1))
+    fixed = quantize(snn, input_range=(0, 1), residual_weights="off")  # 8-bit weights alone: bound 8
     layer = fixed.layer("act1")
     assert layer.stats["raised_channels"] == 1 and layer.stats["max_raise"] > 1
     raised = layer.scale * layer.threshold  # the float thresholds actually used
@@ -90,9 +90,30 @@ def test_channels_with_tiny_thresholds_are_raised_and_compensated():
     expected = conv2 * raised[None, :, None, None] / theta2[:, None, None, None] / 4
     assert np.abs(_dequantised(act2) - expected).max() <= 0.5 * 2.0**act2.synapses[0].weight_exp / act2.threshold + 1e-12
     # the other channels keep their resolution: without balancing they would be left a few levels
-    plain = quantize(snn, input_range=(0, 1), max_row_ratio=None).layer("act1")
+    plain = quantize(snn, input_range=(0, 1), max_row_ratio=None, residual_weights="off").layer("act1")
     others = [c for c in range(4) if c != 2]
     assert np.abs(layer.synapses[0].weight[others]).max() > 2 * np.abs(plain.synapses[0].weight[others]).max()
+
+
+def test_the_row_bound_is_looser_where_residual_synapses_hold_the_rounding_error():
+    """A channel whose weights are 20x the median channel's (in threshold units) is raised with 8-bit weights alone (bound 8), but kept,
+    with its spikes, where residual synapses may carry the others' precision (bound 64)."""
+    snn = make_snn(0, "basic", per_channel=True)
+    act1 = snn.node("act1")
+    act1.threshold = act1.threshold.copy()
+    peaks = unit_threshold_peaks(snn, "act1") / act1.threshold  # each channel's largest weight / its threshold
+    median = np.median(np.append(np.delete(peaks, 2), np.inf))  # the median once channel 2 is the largest
+    act1.threshold[2] /= 20.0 * median / peaks[2]
+    act1.v0 = act1.threshold / 2
+    alone = quantize(snn, input_range=(0, 1), residual_weights="off").layer("act1")
+    paired = quantize(snn, input_range=(0, 1), residual_weights="auto").layer("act1")
+    assert alone.stats["raised_channels"] == 1
+    assert paired.stats.get("raised_channels", 0) == 0
+    np.testing.assert_allclose(paired.scale * paired.threshold, act1.threshold, rtol=1e-6)
+    # an explicit bound still wins over the policy's
+    assert quantize(snn, input_range=(0, 1), residual_weights="auto", max_row_ratio=8.0).layer("act1").stats[
+        "raised_channels"
+    ] == 1
 
 
 def test_quantised_network_agrees_with_the_float_snn_on_random_graphs():

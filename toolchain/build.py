@@ -26,7 +26,7 @@ from toolchain.evaluate import check_input_shape
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds, optimise_v0, uses_data
 from toolchain.passes.calibrate_latency import calibrate_for_latency, parse_methods
 from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
-from toolchain.passes.quantize import MAX_ROW_RATIO, quantize
+from toolchain.passes.quantize import quantize, row_ratio_for
 from toolchain.report.resources import CHIPS, resources
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def build_snn(options: BuildOptions) -> BuildResult:
             layers,
             methods,
             options.device,
-            row_ratio=MAX_ROW_RATIO if graph_kind(options.target) == "fixed" else None,
+            row_ratio=row_ratio_for(options.residual_weights) if graph_kind(options.target) == "fixed" else None,
         )
         snn.meta["conversion"]["calibration"] = calibration.summary()
     chosen: dict[str, float] = {}
