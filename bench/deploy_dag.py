@@ -309,6 +309,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(parts: list[Path], out: Path) -> int:
+    """One result from runs of different models: rows, models and max-pool figures of each part in
+    turn; the machine line and settings of the first; the seconds summed (CPU time, not wall time)."""
+    results = [json.loads(part.read_text()) for part in parts]
+    settings = ("train_steps", "cifar_steps", "seed", "validate")
+    for part, result in zip(parts[1:], results[1:], strict=True):
+        differs = [k for k in settings if result.get(k) != results[0].get(k)]
+        if differs:
+            print(f"error: {part}: other settings than {parts[0]} ({', '.join(differs)}); rerun with the same", file=sys.stderr)
+            return 2
+    merged = {**results[0], "rows": [], "models": {}, "spiking_maxpool": {}, "seconds": 0.0,
+              "merged_from": [str(p) for p in parts]}  # fmt: skip
+    for result in results:
+        merged["rows"] += result["rows"]
+        merged["models"].update(result["models"])
+        merged["spiking_maxpool"].update(result.get("spiking_maxpool", {}))
+        merged["seconds"] += result["seconds"]
+    write_results(out, merged, markdown(merged))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -323,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy_dag")
     parser.add_argument("--exporters", default="default,legacy", help=f"of {', '.join(EXPORTERS)}; default always runs")
     parser.add_argument("--legacy-limit", type=int, default=2000, help="test images for the legacy-export rows")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only merge these result JSONs (runs of other models, "
+                        "e.g. on another core) into --out, in the order given, and exit")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     names = [n for n in args.models.split(",") if n]
     exporters = [e for e in args.exporters.split(",") if e]
     if any(e not in EXPORTERS for e in exporters):
