@@ -44,7 +44,7 @@ from toolchain.core import ir
 from toolchain.core.interpreter import OPS, CompiledNode, TorchExecutor, channel_view, if_scan
 from toolchain.errors import ToolchainError, option
 from toolchain.passes.calibrate import V0_MEMORY_BUDGET, _correct_channel_means, _search_fraction, v0_samples
-from toolchain.passes.quantize import row_raise, unit_threshold_peaks
+from toolchain.passes.quantize import populations, row_raise, unit_threshold_peaks
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def calibrate_for_latency(
     ann_values: dict[str, torch.Tensor] = {ann.input_name: xt.unsqueeze(0)}
     ann_last_use = ann_exec.last_use
     ann_index = {c.node.name: i for i, c in enumerate(ann_exec.compiled)}
+    fixed_populations = _fixed_populations(snn) if row_ratio else None  # one structure for every layer's peaks
     with torch.inference_mode():
         for index, compiled in enumerate(snn_exec.compiled):
             node = compiled.node
@@ -148,7 +149,8 @@ def calibrate_for_latency(
                     if ann_last_use.get(name) == ann_index[node.name]:
                         ann_values.pop(name, None)
             if isinstance(node, ir.IFNeuron) and node.name in layers and target is not None:
-                args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report, row_ratio)]
+                args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report, row_ratio,
+                                         fixed_populations)]  # fmt: skip
             elif isinstance(node, ir.Readout) and "bias" in methods and layers:
                 ann_logits = ann_values[node.inputs[0]][0]
                 if _correct_readout(snn, node, args[0], ann_logits, report):
@@ -185,6 +187,7 @@ def _calibrate_layer(
     methods: tuple[str, ...],
     report: LatencyCalibration,
     row_ratio: float | None = None,
+    fixed_populations: list | None = None,
 ) -> torch.Tensor:
     """Calibrates one IF layer; returns its (possibly offset) input current for the run to go on with."""
     node: ir.IFNeuron = compiled.node  # type: ignore[assignment]
@@ -198,7 +201,7 @@ def _calibrate_layer(
     def error(out: torch.Tensor) -> torch.Tensor:
         return ((out - target) ** 2).mean(dim=dims)
 
-    peaks = _unit_peaks(snn, node.name) if row_ratio else None
+    peaks = unit_threshold_peaks(snn, node.name, known=fixed_populations) if fixed_populations is not None else None
 
     def feasible(trial: torch.Tensor) -> torch.Tensor:
         """`trial` as the fixed-point mapping will hold it (channels far below the others raised)."""
@@ -257,9 +260,9 @@ def _calibrate_layer(
     return current
 
 
-def _unit_peaks(snn: ir.Graph, layer: str) -> np.ndarray | None:
+def _fixed_populations(snn: ir.Graph) -> list | None:
     try:
-        return unit_threshold_peaks(snn, layer)
+        return populations(snn)
     except ToolchainError:  # a structure the fixed-point mapping refuses: quantize() will say so
         return None
 

@@ -525,14 +525,23 @@ def _balance_rows(
     return rescaled, np.broadcast_to(theta, (channels,)) * factor, factor
 
 
-def unit_threshold_peaks(graph: ir.Graph, layer: str, max_dense_weights: int = 2**25) -> np.ndarray:
+def populations(graph: ir.Graph) -> list[_Population]:
+    """The populations `quantize` will build (ToolchainError for a structure it refuses), for
+    `unit_threshold_peaks` calls on one graph whose weights do not change between them."""
+    return _populations(graph)
+
+
+def unit_threshold_peaks(
+    graph: ir.Graph, layer: str, max_dense_weights: int = 2**25, known: list[_Population] | None = None
+) -> np.ndarray:
     """Per channel of IF layer `layer`, its largest normalised incoming weight were its threshold 1.
 
     With threshold theta the peak is this / theta, which row balancing bounds (`row_raise`):
     a calibration that lowers thresholds can ask the bound first, so that the fixed-point
-    network keeps the thresholds it chose. Sources count at their thresholds in `graph`, the
-    input at the step of its default range (raw uint8 through the graph's preprocessing)."""
-    population = next(p for p in _populations(graph) if p.target.name == layer)
+    network keeps the thresholds it chose. Sources count at their thresholds in `graph` now,
+    the input at the step of its default range (raw uint8 through the graph's preprocessing).
+    `known`: `populations(graph)`, computed once by a caller that asks for every layer."""
+    population = next(p for p in (known if known is not None else _populations(graph)) if p.target.name == layer)
     lo, hi = _input_range(graph, None, None)
     shape = tuple(population.target.shape)
     normalised = []
