@@ -96,8 +96,9 @@ def test_channels_with_tiny_thresholds_are_raised_and_compensated():
 
 
 def test_the_row_bound_is_looser_where_residual_synapses_hold_the_rounding_error():
-    """A channel whose weights are 20x the median channel's (in threshold units) is raised with 8-bit weights alone (bound 8), but kept,
-    with its spikes, where residual synapses may carry the others' precision (bound 64)."""
+    """A channel whose weights are 20x the median channel's (in threshold units) is raised with
+    8-bit weights alone (bound 8), but kept, with its spikes, where residual synapses may carry
+    the others' precision (bound 64)."""
     snn = make_snn(0, "basic", per_channel=True)
     act1 = snn.node("act1")
     act1.threshold = act1.threshold.copy()
