@@ -302,6 +302,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{pct(r.get('fixed'))} | {gap} | {lava} | {r.get('populations', '-')} | "
             f"{r.get('loihi1', {}).get('cores', '-')} | {r.get('loihi2', {}).get('cores', '-')} |"
         )
+    if result.get("notes"):
+        lines += ["", result["notes"]]
     lines += ["", "Exporters: " + "; ".join(f"`{k}`: `{v}`" for k, v in EXPORTERS.items()) + ". A legacy row is "
               "built and measured on its own (fewer images); its fixed-point arrays equal the default export's "
               "unless the exports' float rounding (their folding order differs) tipped a discrete calibration choice "
@@ -314,7 +316,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge(parts: list[Path], out: Path) -> int:
+def merge(parts: list[Path], out: Path, notes: str = "") -> int:
     """One result from runs of different models: rows, models and max-pool figures of each part in
     turn; the machine line and settings of the first; the seconds summed (CPU time, not wall time)."""
     results = [json.loads(part.read_text()) for part in parts]
@@ -325,7 +327,7 @@ def merge(parts: list[Path], out: Path) -> int:
             print(f"error: {part}: other settings than {parts[0]} ({', '.join(differs)}); rerun with the same", file=sys.stderr)
             return 2
     merged = {**results[0], "rows": [], "models": {}, "spiking_maxpool": {}, "seconds": 0.0,
-              "merged_from": [str(p) for p in parts]}  # fmt: skip
+              "merged_from": [str(p) for p in parts], "notes": notes}  # fmt: skip
     for result in results:
         merged["rows"] += result["rows"]
         merged["models"].update(result["models"])
@@ -352,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                         "default rows' images; at 2,000 the fixed - float gap is too noisy to hold to 0.3 points)")  # fmt: skip
     parser.add_argument("--merge", type=Path, nargs="+", help="only merge these result JSONs (runs of other models, "
                         "e.g. on another core) into --out, in the order given, and exit")  # fmt: skip
+    parser.add_argument("--notes", default="", help="with --merge: a paragraph for the result (how the run went)")
     args = parser.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.notes)
     names = [n for n in args.models.split(",") if n]
     exporters = [e for e in args.exporters.split(",") if e]
     if any(e not in EXPORTERS for e in exporters):
