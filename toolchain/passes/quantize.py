@@ -672,7 +672,7 @@ def quantize(
     input_range: tuple[Any, Any] | None = None,
     calibration: np.ndarray | None = None,
     max_dense_weights: int = 2**25,
-    max_row_ratio: float | None = -1.0,
+    max_row_ratio: float | str | None = "auto",
     residual_weights: str = "auto",
     steps: int | None = None,
 ) -> FixedGraph:
@@ -689,7 +689,7 @@ def quantize(
       leave the others only a few bits. Channels whose largest normalised weight exceeds this many
       times the median channel's get their threshold (and v0) raised until it does not; the next layer
       compensates exactly (spikes carry the raised threshold). The float SNN then differs only in
-      those channels' ceilings. None or 0 disables it (pure folding); the default (-1) is
+      those channels' ceilings. None or 0 disables it (pure folding); "auto" is
       `row_ratio_for(residual_weights)`: 8 with 8-bit weights alone, 64 where residual synapses may
       hold the rounding error.
     residual_weights: "on" gives every synapse a second one from the same source with the same
@@ -712,7 +712,7 @@ def quantize(
     if not graph.is_snn:
         raise ToolchainError("the graph has no IF neurons: quantize a converted SNN graph")
 
-    if max_row_ratio is not None and max_row_ratio < 0:
+    if max_row_ratio == "auto":
         max_row_ratio = row_ratio_for(residual_weights)
     qmax = 2 ** (weight_bits - 1) - 1
     populations = _populations(graph)  # refuses unsupported structures first
