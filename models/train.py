@@ -235,11 +235,19 @@ def ceilings(model: nn.Module) -> list[float]:
     return [round(float(m.lam.detach()), 5) for m in model.modules() if isinstance(m, (ClipReLU, QCFS))]
 
 
-def save_checkpoint(model: nn.Module, path: Path, config: dict) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def _save_atomically(document: dict, path: Path) -> None:
+    """torch.save through a temporary file: a kill mid-write leaves the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": state}, tmp)
+    torch.save(document, tmp)
     os.replace(tmp, path)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model: nn.Module, path: Path, config: dict) -> None:
+    _save_atomically({"format": CHECKPOINT_FORMAT, "config": config, "state_dict": _cpu_state(model)}, path)
 
 
 TRAIN_STATE = "train_state.pt"
@@ -256,14 +264,12 @@ def save_train_state(path: Path, args: argparse.Namespace, model: nn.Module, opt
     state = {
         "format": CHECKPOINT_FORMAT,
         "options": {key: getattr(args, key) for key in RESUME_KEYS},
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": _cpu_state(model),
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
         "progress": progress,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _save_atomically(state, path)
 
 
 def load_train_state(path: Path, args: argparse.Namespace) -> dict:
@@ -440,12 +446,13 @@ def main(argv: list[str] | None = None) -> int:
             state = load_train_state(state_path, args)
         except ValueError as exc:
             return fail(str(exc))
-        model.load_state_dict(state["model"])
-        model = model.to(memory_format=memory_format)
+        model.load_state_dict(state["model"])  # copies into the parameters: their layout stays
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         progress = state["progress"]
         epoch, step, epochs = progress["epoch"], progress["step"], progress["epochs"]
+        # a run killed after its last epoch (in the export) trains nothing more: report that epoch's figures
+        train_acc, test_acc = progress.get("train_acc", 0.0), progress.get("test_acc", 0.0)
         total_steps = epochs * steps_per_epoch
         train_start -= progress["seconds"]  # train_seconds and the time estimates count the earlier part
         print(f"resumed from {state_path}: epoch {epoch} of {epochs} done, {progress['seconds']:.0f} s", flush=True)
@@ -519,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                     test_acc = evaluate(model, x_test, y_test, norm, autocast)
                 print(f"time budget {args.time_budget:.0f} s: training {epochs} epochs", flush=True)
         save_train_state(state_path, args, model, optimizer, generator,
-                         {"epoch": epoch, "step": step, "epochs": epochs, "seconds": time.time() - train_start})  # fmt: skip
+                         {"epoch": epoch, "step": step, "epochs": epochs, "seconds": time.time() - train_start,
+                          "train_acc": train_acc, "test_acc": test_acc})  # fmt: skip
     train_seconds = time.time() - train_start
 
     out = Path(args.out)
