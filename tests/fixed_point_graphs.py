@@ -16,6 +16,9 @@
   converted with `maxpool` ("relu": IF-neuron max trees, which fixed point runs).
 * "depthwise": MobileNet-style depthwise and pointwise convolutions, a channel multiplier,
   batch norm after a ReLU, global average pooling.
+* "wide": "depthwise" with one population's thresholds 8 times lower after conversion, so
+  that one source spike is worth ~150 of its thresholds (as batch norm after a ReLU gave a
+  plain-torch MobileNet): more than one 8-bit mantissa holds at the largest weight exponent.
 """
 
 from __future__ import annotations
@@ -164,7 +167,11 @@ def make_inputs(graph: ir.Graph, count: int, seed: int = 1) -> np.ndarray:
 
 
 def make_snn(seed: int = 0, variant: str = "basic", per_channel: bool = True, maxpool: str = "relu") -> ir.Graph:
-    ann = make_ann(seed, variant)
+    ann = make_ann(seed, "depthwise" if variant == "wide" else variant)
     x = make_inputs(ann, 64, seed + 100)
     spec = ThresholdSpec("percentile", percentile=99.9, per_channel=per_channel)
-    return convert(ann, compute_thresholds(ann, spec, [x], len(x), "cpu"), ConversionOptions(maxpool=maxpool))
+    snn = convert(ann, compute_thresholds(ann, spec, [x], len(x), "cpu"), ConversionOptions(maxpool=maxpool))
+    if variant == "wide":
+        act4 = snn.node("act4")
+        act4.threshold, act4.v0 = act4.threshold / 8, act4.v0 / 8  # type: ignore[attr-defined]
+    return snn

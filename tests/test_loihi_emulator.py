@@ -92,7 +92,7 @@ def _quiet_calibration(caplog):
     caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
-DAG_VARIANTS = ["residual", "concat", "depthwise", "maxpool"]
+DAG_VARIANTS = ["residual", "concat", "depthwise", "wide", "maxpool"]
 
 
 @pytest.mark.parametrize("variant", ["basic", "odd", *DAG_VARIANTS])

@@ -63,7 +63,7 @@ def test_per_channel_thresholds_fold_into_the_weights():
     # the first layer: the input's step (1/255 of the range) plays the source threshold
     layer = fixed.layer("act1")
     expected = snn.node("conv1").weight.astype(np.float64) / 255 / theta["act1"][:, None, None, None]
-    assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * 2.0**layer.synapses[0].weight_exp / layer.threshold + 1e-12
+    assert np.abs(_dequantised(layer) - expected).max() <= 0.5 * 2.0 ** layer.synapses[0].weight_exp / layer.threshold + 1e-12
     # v0 = theta / 2 in every channel becomes half the integer threshold
     assert np.abs(fixed.layer("act3").v0 - fixed.layer("act3").threshold / 2).max() <= 0.5
     # readout: float value = accumulator * scale
@@ -88,7 +88,7 @@ def test_channels_with_tiny_thresholds_are_raised_and_compensated():
     theta2 = act2.scale * act2.threshold
     conv2 = snn.node("conv2").weight.astype(np.float64)
     expected = conv2 * raised[None, :, None, None] / theta2[:, None, None, None] / 4
-    assert np.abs(_dequantised(act2) - expected).max() <= 0.5 * 2.0**act2.synapses[0].weight_exp / act2.threshold + 1e-12
+    assert np.abs(_dequantised(act2) - expected).max() <= 0.5 * 2.0 ** act2.synapses[0].weight_exp / act2.threshold + 1e-12
     # the other channels keep their resolution: without balancing they would be left a few levels
     plain = quantize(snn, input_range=(0, 1), max_row_ratio=None, residual_weights="off").layer("act1")
     others = [c for c in range(4) if c != 2]
@@ -112,9 +112,55 @@ def test_the_row_bound_is_looser_where_residual_synapses_hold_the_rounding_error
     assert paired.stats.get("raised_channels", 0) == 0
     np.testing.assert_allclose(paired.scale * paired.threshold, act1.threshold, rtol=1e-6)
     # an explicit bound still wins over the policy's
-    assert quantize(snn, input_range=(0, 1), residual_weights="auto", max_row_ratio=8.0).layer("act1").stats[
-        "raised_channels"
-    ] == 1
+    assert (
+        quantize(snn, input_range=(0, 1), residual_weights="auto", max_row_ratio=8.0).layer("act1").stats["raised_channels"] == 1
+    )
+
+
+def test_a_population_whose_rows_exceed_the_8_bit_bound_gets_residual_synapses():
+    """The looser row bound (64) relies on residual synapses: `auto` adds them to a population left
+    with a channel beyond the 8-bit bound, even where its mantissa step is small against the threshold
+    (a plain-torch MobileNet's first layer lost 26 points without them)."""
+    snn = make_snn(0, "basic", per_channel=True)
+    act1 = snn.node("act1")
+    act1.threshold = act1.threshold.copy()
+    peaks = unit_threshold_peaks(snn, "act1") / act1.threshold
+    median = np.median(np.append(np.delete(peaks, 2), np.inf))
+    act1.threshold[2] /= 20.0 * median / peaks[2]  # channel 2's weights 20x the median channel's
+    act1.v0 = act1.threshold / 2
+    auto = quantize(snn, input_range=(0, 1)).layer("act1")
+    off = quantize(snn, input_range=(0, 1), residual_weights="off", max_row_ratio=64.0).layer("act1")
+    assert auto.stats.get("raised_channels", 0) == 0 and auto.stats["residual_synapses"] == 1
+    assert auto.stats["weight_rel_l2"] < off.stats["weight_rel_l2"] / 20
+    # models without such a channel keep one synapse per source
+    assert "residual_synapses" not in quantize(make_snn(0, "basic"), input_range=(0, 1)).layer("act1").stats
+
+
+def test_a_weight_beyond_one_mantissa_is_carried_by_several_synapses(monkeypatch):
+    """Batch norm after a ReLU can make one source spike worth ~150 thresholds of its target: one
+    8-bit mantissa at the largest exponent (127 * 2**7) would cap the integer threshold near 2**7,
+    and with it the resolution of the bias and v0, which accumulate every step. Synapses with the
+    same source and geometry carry the wide weight instead, the threshold keeps its 10 bits."""
+    import toolchain.passes.quantize as quantize_module
+
+    snn = make_snn(0, "wide")
+    layer = quantize(snn, input_range=(0, 1)).layer("act4")
+    assert 2**10 <= layer.threshold < 2**11
+    wide = [s for s in layer.synapses if s.weight_exp == 7]
+    assert len(wide) == 1 + layer.stats["wide_synapses"] >= 2
+    assert all((s.source, s.kind, s.in_shape, s.groups, s.nodes) == (wide[0].source, wide[0].kind, wide[0].in_shape,
+               wide[0].groups, wide[0].nodes) for s in wide)  # fmt: skip
+    assert max(np.abs(s.weight).max() for s in wide) <= 127
+    monkeypatch.setattr(quantize_module, "MAX_WIDE_PARTS", 1)
+    capped = quantize(snn, input_range=(0, 1)).layer("act4")
+    assert capped.threshold < 2**8 and "wide_synapses" not in capped.stats
+    assert layer.stats["bias_max_err"] < capped.stats["bias_max_err"] and layer.stats["v0_max_err"] < capped.stats["v0_max_err"]
+
+    def weights(lay) -> np.ndarray:  # threshold units, all synapses summed
+        return sum(s.weight.astype(np.float64) * 2.0**s.weight_exp for s in lay.synapses) / lay.threshold
+
+    residual_step = 2.0 ** min(s.weight_exp for s in capped.synapses) / capped.threshold
+    np.testing.assert_allclose(weights(layer), weights(capped), rtol=0, atol=residual_step)  # the same weights
 
 
 def test_quantised_network_agrees_with_the_float_snn_on_random_graphs():

@@ -556,70 +556,88 @@ def unit_threshold_peaks(
     return _row_peaks(normalised, shape[0])
 
 
-def _quantize_weights(normalised: np.ndarray, threshold_bits: int, qmax: int) -> tuple[np.ndarray, int, int]:
-    """W' (threshold units) -> (q, weight_exp, Theta) with W' * Theta ~= q * 2**weight_exp."""
-    peak = float(np.abs(normalised).max()) if normalised.size else 0.0
+# A weight too large for one 8-bit mantissa at the largest exponent (a source spike worth over
+# 127 * 2**7 membrane units, e.g. batch norm after a ReLU scaling a threshold of ~1 to hundreds) would
+# cap the target's integer threshold far below 2**threshold_bits, and with it the resolution of its
+# bias and v0 (one unit per step accumulates over T). Instead up to this many synapses with the same
+# source and geometry carry it: Loihi sums them in the dendrite, so together they are one wider weight.
+# Measured on the plain MobileNet of bench/deploy_dag.py (pointwise thresholds capped at 97 and 262):
+# fixed point 80.86 % against 82.00 % float at T=32 with one synapse, see docs/ARCHITECTURE.md.
+MAX_WIDE_PARTS = 16
+
+
+def _threshold_for(peak: float, threshold_bits: int, qmax: int, max_parts: int) -> tuple[int, int]:
+    """(Theta, exponent) for the synapse with the largest normalised weight `peak` (threshold units):
+    Theta in [2**b, 2**(b+1)) with that weight at most qmax * 2**exponent (or `max_parts` times that
+    at the largest exponent, when one mantissa cannot hold it)."""
     if peak == 0.0:
-        return np.zeros(normalised.shape, np.int8), 0, 2**threshold_bits
+        return 2**threshold_bits, 0
+    low, high = WEIGHT_EXP_RANGE
     exp = math.ceil(math.log2(2**threshold_bits * peak / qmax))
-    exp = min(max(exp, WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
-    theta = math.floor(qmax * 2.0**exp / peak)
-    theta = max(1, min(theta, 2 ** (V_BITS - 2)))
-    q = np.clip(np.round(normalised * theta / 2.0**exp), -qmax, qmax).astype(np.int8)
-    return q, exp, theta
+    parts = min(max_parts, math.ceil(2**threshold_bits * peak / (qmax * 2.0**high))) if exp > high else 1
+    exp = min(max(exp, low), high)
+    theta = math.floor(parts * qmax * 2.0**exp / peak)
+    return max(1, min(theta, 2 ** (V_BITS - 2))), exp
 
 
-def _quantize_synapses(normalised: list[np.ndarray], threshold_bits: int, qmax: int) -> tuple[list[np.ndarray], list[int], int]:
+def _mantissas(scaled: np.ndarray, qmax: int) -> list[np.ndarray]:
+    """`scaled` (in units of one mantissa step) rounded, as one mantissa or, where it exceeds qmax,
+    as the fewest that sum to it (shares as equal as rounding allows)."""
+    rounded = np.round(scaled)
+    count = max(1, math.ceil(float(np.abs(rounded).max(initial=0)) / qmax))
+    parts = []
+    for left in range(count, 0, -1):
+        q = np.clip(np.round(rounded / left), -qmax, qmax)
+        parts.append(q.astype(np.int8))
+        rounded = rounded - q
+    return parts
+
+
+def _quantize_synapses(
+    normalised: list[np.ndarray], threshold_bits: int, qmax: int, max_parts: int
+) -> tuple[list[list[np.ndarray]], list[int], int]:
     """Every synapse of a layer at one integer threshold: the one with the largest weight chooses
-    Theta (as for a single synapse), each other one the smallest exponent its weights fit in."""
+    Theta (as for a single synapse), each other one the smallest exponent its weights fit in.
+    Returns per synapse its mantissas (one, or several at the largest exponent: `MAX_WIDE_PARTS`),
+    its exponent, and Theta."""
     peaks = [float(np.abs(w).max()) if w.size else 0.0 for w in normalised]
     top = int(np.argmax(peaks))
-    q_top, exp_top, theta = _quantize_weights(normalised[top], threshold_bits, qmax)
-    qs, exps = [], []
+    theta, exp_top = _threshold_for(peaks[top], threshold_bits, qmax, max_parts)
+    mantissas, exps = [], []
     for index, (w, peak) in enumerate(zip(normalised, peaks, strict=True)):
         if index == top:
-            q, exp = q_top, exp_top
+            exp = exp_top
         elif peak == 0.0:
-            q, exp = np.zeros(w.shape, np.int8), 0
+            exp = 0
         else:
             exp = min(max(math.ceil(math.log2(theta * peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
-            q = np.clip(np.round(w * theta / 2.0**exp), -qmax, qmax).astype(np.int8)
-        qs.append(q)
+        scaled = w * theta / 2.0**exp
+        one_mantissa = exp < WEIGHT_EXP_RANGE[1] or float(np.abs(np.round(scaled)).max(initial=0)) <= qmax
+        mantissas.append([np.clip(np.round(scaled), -qmax, qmax).astype(np.int8)] if one_mantissa else _mantissas(scaled, qmax))
         exps.append(exp)
-    return qs, exps, theta
+    return mantissas, exps, theta
 
 
-def _add_residual_synapses(
-    synapses: list[_Synapse],
-    normalised: list[np.ndarray],
-    qs: list[np.ndarray],
-    exps: list[int],
-    theta: int,
-    qmax: int,
-    chosen: list[bool],
-) -> tuple[list[_Synapse], list[np.ndarray], list[int], np.ndarray]:
-    """Each synapse's rounding error as one more synapse of the same shape: W' * Theta ~=
-    q * 2**e + r * 2**e_r, with e_r the smallest exponent that holds the error (about e - 7).
+def _residual_mantissas(
+    normalised: list[np.ndarray], mantissas: list[list[np.ndarray]], exps: list[int], theta: int, qmax: int, chosen: list[bool]
+) -> list[tuple[np.ndarray, int] | None]:
+    """Each `chosen` synapse's rounding error as one more mantissa of the same shape: W' * Theta ~=
+    sum(q) * 2**e + r * 2**e_r, with e_r the smallest exponent that holds the error (about e - 7).
 
     Loihi sums every synapse into the dendrite, so the pair acts as one wider weight; both
-    take the same path, so they need the same delay. Returns the synapses, mantissas and
-    exponents with the residual ones (of the `chosen` synapses) appended, and the dequantised weights (threshold units)."""
-    out_syn, out_q, out_e = list(synapses), list(qs), list(exps)
-    dequant = []
-    for syn, w, q, e, wanted in zip(synapses, normalised, qs, exps, chosen, strict=True):
-        error = w * theta - q.astype(np.float64) * 2.0**e
-        value = q.astype(np.float64) * 2.0**e
+    take the same path, so they need the same delay. None where none is needed."""
+    residuals: list[tuple[np.ndarray, int] | None] = []
+    for w, qs, e, wanted in zip(normalised, mantissas, exps, chosen, strict=True):
+        error = w * theta - sum(q.astype(np.float64) for q in qs) * 2.0**e
         peak = float(np.abs(error).max(initial=0)) if wanted else 0.0
+        residual = None
         if peak > 0:
             exp_r = min(max(math.ceil(math.log2(peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
             q_r = np.clip(np.round(error / 2.0**exp_r), -qmax, qmax).astype(np.int8)
             if np.any(q_r):
-                out_syn.append(syn)
-                out_q.append(q_r)
-                out_e.append(exp_r)
-                value = value + q_r.astype(np.float64) * 2.0**exp_r
-        dequant.append((value / theta).reshape(-1))
-    return out_syn, out_q, out_e, np.concatenate(dequant)
+                residual = (q_r, exp_r)
+        residuals.append(residual)
+    return residuals
 
 
 def _quantize_bias(bias_int: np.ndarray, name: str) -> tuple[np.ndarray, int]:
@@ -693,7 +711,7 @@ def quantize(
       `row_ratio_for(residual_weights)`: 8 with 8-bit weights alone, 64 where residual synapses may
       hold the rounding error.
     residual_weights: "on" gives every synapse a second one from the same source with the same
-      geometry that holds its rounding error, 2**(weight_bits-1) times finer (`_add_residual_synapses`):
+      geometry that holds its rounding error, 2**(weight_bits-1) times finer (`_residual_mantissas`):
       about 15-bit weights from 8-bit synapses, for twice the synaptic memory and no more neurons.
       "auto" does so for the synapses whose mantissa step exceeds RESIDUAL_STEP of the target's
       threshold (a largest weight of more than about 2 thresholds per spike); "off" never.
@@ -742,22 +760,31 @@ def quantize(
         raised = np.ones(1)
         if is_if and max_row_ratio:
             normalised, theta, raised = _balance_rows(normalised, theta, shape, max_row_ratio)
+        # Rows left beyond the 8-bit bound (by the looser one that residual synapses allow) leave the
+        # other channels a few bits: their residual synapses are what the looser bound relies on.
+        unbalanced = bool(is_if and row_raise(_row_peaks(normalised, shape[0]), MAX_ROW_RATIO).max() > 1.0)
         lowered = synapses
         # A long -T needs membrane headroom: each bit less of threshold doubles the steps
         # proven free of overflow (weights, bias and v0 shrink with it; the mantissas do not).
         for bits in range(threshold_bits, 0, -1):
             synapses = lowered
-            qs, weight_exps, big_theta = _quantize_synapses(normalised, bits, qmax)
-            single = len(synapses)
-            if residual_weights == "off":
-                dequant = np.concatenate(
-                    [(q.astype(np.float64) * 2.0**e / big_theta).reshape(-1) for q, e in zip(qs, weight_exps, strict=True)]
-                )
-            else:  # the pairs' dequantised weights come back with them
-                coarse = [residual_weights == "on" or 2.0**e > RESIDUAL_STEP * big_theta for e in weight_exps]
-                synapses, qs, weight_exps, dequant = _add_residual_synapses(
-                    synapses, normalised, qs, weight_exps, big_theta, qmax, coarse
-                )
+            mantissas, main_exps, big_theta = _quantize_synapses(normalised, bits, qmax, MAX_WIDE_PARTS)
+            coarse = [
+                residual_weights == "on" or (residual_weights == "auto" and (unbalanced or 2.0**e > RESIDUAL_STEP * big_theta))
+                for e in main_exps
+            ]
+            residuals = _residual_mantissas(normalised, mantissas, main_exps, big_theta, qmax, coarse)
+            # the synapses' (wide) mantissas first, in order, then the residual ones
+            synapses = [syn for syn, qs in zip(lowered, mantissas, strict=True) for _ in qs]
+            synapses += [syn for syn, r in zip(lowered, residuals, strict=True) if r is not None]
+            qs = [q for parts in mantissas for q in parts] + [r[0] for r in residuals if r is not None]
+            weight_exps = [e for parts, e in zip(mantissas, main_exps, strict=True) for _ in parts]
+            weight_exps += [r[1] for r in residuals if r is not None]
+            dequant = np.concatenate([
+                ((sum(q.astype(np.float64) for q in parts) * 2.0**e + (0.0 if r is None else r[0].astype(np.float64) * 2.0**r[1]))
+                 / big_theta).reshape(-1)
+                for parts, e, r in zip(mantissas, main_exps, residuals, strict=True)
+            ])  # fmt: skip
 
             # bias: the float graph (biases, shifts, the input offset) with its sources at their base values
             beta = _base_value(graph, population, base_input).reshape(shape)
@@ -811,8 +838,10 @@ def quantize(
                 "v0_max_err": round(float(np.abs(v0 / big_theta - v0_float / big_theta).max(initial=0)), 6),
                 "safe_steps": _safe_steps(layer, input_max),
             }
-            if len(synapses) > single:
-                layer.stats["residual_synapses"] = len(synapses) - single
+            if any(r is not None for r in residuals):
+                layer.stats["residual_synapses"] = sum(r is not None for r in residuals)
+            if any(len(parts) > 1 for parts in mantissas):
+                layer.stats["wide_synapses"] = sum(len(parts) - 1 for parts in mantissas)
             if raised.max() > 1:
                 layer.stats["raised_channels"] = int((raised > 1).sum())
                 layer.stats["max_raise"] = round(float(raised.max()), 3)
