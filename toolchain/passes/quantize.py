@@ -561,8 +561,9 @@ def unit_threshold_peaks(
 # cap the target's integer threshold far below 2**threshold_bits, and with it the resolution of its
 # bias and v0 (one unit per step accumulates over T). Instead up to this many synapses with the same
 # source and geometry carry it: Loihi sums them in the dendrite, so together they are one wider weight.
-# Measured on the plain MobileNet of bench/deploy_dag.py (pointwise thresholds capped at 97 and 262):
-# fixed point 80.86 % against 82.00 % float at T=32 with one synapse, see docs/ARCHITECTURE.md.
+# The plain MobileNet of bench/deploy_dag.py had two pointwise thresholds capped at 97 and 262 this
+# way, and its fixed-point SNN lost about a point that the float SNN kept; 16 parts brought both to
+# 2**10 (fewer left part of the loss). The parts cost synaptic memory, which `resources` counts.
 MAX_WIDE_PARTS = 16
 
 
