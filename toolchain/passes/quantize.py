@@ -641,6 +641,29 @@ def _residual_mantissas(
     return residuals
 
 
+def _one_synapse_per_mantissa(
+    synapses: list[_Synapse],
+    mantissas: list[list[np.ndarray]],
+    exps: list[int],
+    residuals: list[tuple[np.ndarray, int] | None],
+    theta: int,
+) -> tuple[list[_Synapse], list[np.ndarray], list[int], np.ndarray]:
+    """The layer's synapses as the chip holds them, one per mantissa: each synapse's (wide) mantissas
+    first, in order, then the residual ones, so that a layer with neither keeps its synapses as
+    they were. Also the dequantised weights (threshold units), per synapse, flattened."""
+    out = [syn for syn, parts in zip(synapses, mantissas, strict=True) for _ in parts]
+    out += [syn for syn, r in zip(synapses, residuals, strict=True) if r is not None]
+    qs = [q for parts in mantissas for q in parts] + [r[0] for r in residuals if r is not None]
+    out_exps = [e for parts, e in zip(mantissas, exps, strict=True) for _ in parts] + [r[1] for r in residuals if r is not None]
+    dequant = []
+    for parts, e, r in zip(mantissas, exps, residuals, strict=True):
+        value = sum(q.astype(np.float64) for q in parts) * 2.0**e
+        if r is not None:
+            value = value + r[0].astype(np.float64) * 2.0 ** r[1]
+        dequant.append((value / theta).reshape(-1))
+    return out, qs, out_exps, np.concatenate(dequant)
+
+
 def _quantize_bias(bias_int: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     peak = float(np.abs(bias_int).max()) if bias_int.size else 0.0
     exp = 0 if peak <= BIAS_MANT_MAX else math.ceil(math.log2(peak / BIAS_MANT_MAX))
@@ -768,24 +791,13 @@ def quantize(
         # A long -T needs membrane headroom: each bit less of threshold doubles the steps
         # proven free of overflow (weights, bias and v0 shrink with it; the mantissas do not).
         for bits in range(threshold_bits, 0, -1):
-            synapses = lowered
             mantissas, main_exps, big_theta = _quantize_synapses(normalised, bits, qmax, MAX_WIDE_PARTS)
             coarse = [
                 residual_weights == "on" or (residual_weights == "auto" and (unbalanced or 2.0**e > RESIDUAL_STEP * big_theta))
                 for e in main_exps
             ]
             residuals = _residual_mantissas(normalised, mantissas, main_exps, big_theta, qmax, coarse)
-            # the synapses' (wide) mantissas first, in order, then the residual ones
-            synapses = [syn for syn, qs in zip(lowered, mantissas, strict=True) for _ in qs]
-            synapses += [syn for syn, r in zip(lowered, residuals, strict=True) if r is not None]
-            qs = [q for parts in mantissas for q in parts] + [r[0] for r in residuals if r is not None]
-            weight_exps = [e for parts, e in zip(mantissas, main_exps, strict=True) for _ in parts]
-            weight_exps += [r[1] for r in residuals if r is not None]
-            dequant = np.concatenate([
-                ((sum(q.astype(np.float64) for q in parts) * 2.0**e + (0.0 if r is None else r[0].astype(np.float64) * 2.0**r[1]))
-                 / big_theta).reshape(-1)
-                for parts, e, r in zip(mantissas, main_exps, residuals, strict=True)
-            ])  # fmt: skip
+            synapses, qs, weight_exps, dequant = _one_synapse_per_mantissa(lowered, mantissas, main_exps, residuals, big_theta)
 
             # bias: the float graph (biases, shifts, the input offset) with its sources at their base values
             beta = _base_value(graph, population, base_input).reshape(shape)
