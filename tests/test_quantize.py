@@ -120,7 +120,7 @@ def test_the_row_bound_is_looser_where_residual_synapses_hold_the_rounding_error
 def test_a_population_whose_rows_exceed_the_8_bit_bound_gets_residual_synapses():
     """The looser row bound (64) relies on residual synapses: `auto` adds them to a population left
     with a channel beyond the 8-bit bound, even where its mantissa step is small against the threshold
-    (a plain-torch MobileNet's first layer lost 26 points without them)."""
+    (without them a plain-torch MobileNet's first layer cost its fixed-point SNN tens of points)."""
     snn = make_snn(0, "basic", per_channel=True)
     act1 = snn.node("act1")
     act1.threshold = act1.threshold.copy()
