@@ -567,6 +567,11 @@ def unit_threshold_peaks(
 MAX_WIDE_PARTS = 16
 
 
+def _smallest_exponent(peak: float, qmax: int) -> int:
+    """The smallest weight exponent at which `peak` (membrane units) fits qmax mantissa steps, in range."""
+    return min(max(math.ceil(math.log2(peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
+
+
 def _threshold_for(peak: float, threshold_bits: int, qmax: int, max_parts: int) -> tuple[int, int]:
     """(Theta, exponent) for the synapse with the largest normalised weight `peak` (threshold units):
     Theta in [2**b, 2**(b+1)) with that weight at most qmax * 2**exponent (or `max_parts` times that
@@ -611,10 +616,12 @@ def _quantize_synapses(
         elif peak == 0.0:
             exp = 0
         else:
-            exp = min(max(math.ceil(math.log2(theta * peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
+            exp = _smallest_exponent(theta * peak, qmax)
         scaled = w * theta / 2.0**exp
-        one_mantissa = exp < WEIGHT_EXP_RANGE[1] or float(np.abs(np.round(scaled)).max(initial=0)) <= qmax
-        mantissas.append([np.clip(np.round(scaled), -qmax, qmax).astype(np.int8)] if one_mantissa else _mantissas(scaled, qmax))
+        if exp == WEIGHT_EXP_RANGE[1]:  # only here can a weight exceed one mantissa
+            mantissas.append(_mantissas(scaled, qmax))
+        else:  # below it the exponent was chosen to fit (clip: float rounding at the edge)
+            mantissas.append([np.clip(np.round(scaled), -qmax, qmax).astype(np.int8)])
         exps.append(exp)
     return mantissas, exps, theta
 
@@ -633,7 +640,7 @@ def _residual_mantissas(
         peak = float(np.abs(error).max(initial=0)) if wanted else 0.0
         residual = None
         if peak > 0:
-            exp_r = min(max(math.ceil(math.log2(peak / qmax)), WEIGHT_EXP_RANGE[0]), WEIGHT_EXP_RANGE[1])
+            exp_r = _smallest_exponent(peak, qmax)
             q_r = np.clip(np.round(error / 2.0**exp_r), -qmax, qmax).astype(np.int8)
             if np.any(q_r):
                 residual = (q_r, exp_r)
