@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= build/mnist-lava
 
-.PHONY: demo test lint lock bench clean
+.PHONY: demo test lint lock bench peers clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,5 +32,18 @@ lint: $(STAMP)
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed '1i # Pinned set for Python 3.10 (the project interpreter, Lava included). Regenerate with `make lock`.' > requirements.lock
 
+# The peers the benches compare against (bench/stock_models.py, bench/throughput.py), never a
+# toolchain dependency: installed into .peers/ beside the venv, used with PYTHONPATH=.peers.
+# torchvision is pinned to the venv's torch (onnx2torch imports it); --no-deps keeps that torch.
+PEERS := .peers
+PEER_PACKAGES := spikingjelly==0.0.0.0.14 onnx2torch==1.5.15 torchvision==0.29.1 tqdm==4.67.1 \
+	requests==2.32.3 urllib3==2.2.3 idna==3.10 charset-normalizer==3.4.0 certifi==2024.8.30
+$(PEERS)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(PEERS) $(PEER_PACKAGES)
+	PYTHONPATH=$(PEERS) $(PY) -c "import onnx2torch, spikingjelly.activation_based.ann2snn"
+	@touch $@
+
+peers: $(PEERS)/.installed
+
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(PEERS) build

@@ -20,11 +20,12 @@ images; each budget-T build is also evaluated at T/2 and 2T (does fitting for T 
 neighbours?). SpikingJelly's `ann2snn.Converter` (modes max, 99.9 %, 99.99 %, and 0.5 / 0.25
 of the max; the best mode at each T is reported, chosen on the same test images, which
 favours the peer) runs the same ONNX model through onnx2torch on the same images; it needs
-`PYTHONPATH` with spikingjelly and onnx2torch and is skipped when they are missing, and it
+`PYTHONPATH` with spikingjelly and onnx2torch (`make peers` installs them into `.peers/`) and is
+skipped when they are missing, and it
 cannot convert ReLU6 (a Clip in ONNX).
 
-    PYTHONPATH=/work/sj OMP_NUM_THREADS=1 python bench/stock_models.py --models-dir /tmp/stock
-    PYTHONPATH=/work/sj OMP_NUM_THREADS=1 python bench/stock_models.py --models-dir /tmp/stock \\
+    PYTHONPATH=.peers OMP_NUM_THREADS=1 python bench/stock_models.py --models-dir /tmp/stock
+    PYTHONPATH=.peers OMP_NUM_THREADS=1 python bench/stock_models.py --models-dir /tmp/stock \\
         --dataset cifar10 --models resnet vgg --out bench/results/stock_models_cifar10
 
 Writes bench/results/stock_models.{json,md}.

@@ -24,7 +24,7 @@ RANDOM weights: speed does not depend on training) the script
 
 SpikingJelly is needed for the comparison only, never by the toolchain:
 
-    .venv/bin/pip install spikingjelly==0.0.0.0.14      (it pulls in torchvision and tqdm)
+    make peers      (SpikingJelly 0.0.0.0.14 and what it imports, into .peers/; then PYTHONPATH=.peers)
 
 Results go to bench/results/throughput[_cuda].{json,md}.
 
@@ -69,7 +69,7 @@ from toolchain.passes.frontend import load_onnx  # noqa: E402
 SJ_VERSION = "0.0.0.0.14"
 INSTALL_HINT = (
     f"SpikingJelly is needed for this comparison only (it is not a toolchain dependency): "
-    f"`.venv/bin/pip install spikingjelly=={SJ_VERSION}`; on a machine without network, "
+    f"`make peers`, then PYTHONPATH=.peers; on a machine without network, "
     f"`pip download --no-deps spikingjelly=={SJ_VERSION} tqdm -d .whl` elsewhere and install from .whl "
     "(see bench/gpu_throughput.sh)"
 )
