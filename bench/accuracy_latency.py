@@ -11,6 +11,11 @@ and `toolchain.evaluate` code the CLI uses. Writes JSON and Markdown.
 With `--v0-T each` the optimal v0 is fitted anew at every T reported (one build and one run
 of T steps per T, as `toolchain build --v0 optimal --v0-T T -T T` does), instead of once at
 one T for all of them; that costs sum(T) steps per sample instead of max(T).
+
+The method `THRESHOLD/calibrated` (only when named in `--methods`) is the build's latency
+calibration of every layer, `toolchain build --calibrate threshold,v0 -T T`, fitted at each
+T reported: thresholds scaled per channel and v0 fitted layer by layer on the SNN's own inputs,
+starting from the trained ceilings (or the data threshold).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from toolchain.passes.frontend import load_onnx  # noqa: E402
 
 THRESHOLDS = ("ceiling", "max", "p99.99")
 V0_MODES = ("zero", "half", "optimal")
+FITTED_EACH_T = {"optimal": {"v0": "optimal"}, "calibrated": {"v0": "half", "calibrate": "threshold,v0"}}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -57,12 +63,16 @@ def run(args: argparse.Namespace) -> dict:
     for threshold in THRESHOLDS:
         if threshold == "ceiling" and not has_ceilings:
             continue
-        for v0 in V0_MODES:
-            if args.methods and f"{threshold}/{v0}" not in args.methods:
+        for v0 in (*V0_MODES, "calibrated"):
+            if (args.methods and f"{threshold}/{v0}" not in args.methods) or (v0 == "calibrated" and not args.methods):
                 continue
-            if per_t and v0 == "optimal":
-                rows.append(run_fitted_each(args, threshold, test, calib, steps, reference))
-                ann_accuracy = rows[-1]["ann_accuracy"]
+            if v0 == "calibrated" or (per_t and v0 == "optimal"):
+                data = test
+                if args.other_limit and args.other_limit < len(test) and f"{threshold}/{v0}" not in full:
+                    data = test.subset(args.other_limit)
+                rows.append(run_fitted_each(args, threshold, v0, data, calib, steps, reference))
+                if rows[-1]["samples"] == len(test):
+                    ann_accuracy = rows[-1]["ann_accuracy"]
                 continue
             options = BuildOptions(
                 model=args.model, calib=calib, threshold=threshold, v0=v0, v0_steps=8 if per_t else args.v0_steps,
@@ -113,25 +123,29 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def run_fitted_each(args: argparse.Namespace, threshold: str, test, calib, steps: list[int], reference) -> dict:
-    """One row for `threshold/optimal` with v0 fitted at each T and the SNN run for exactly T steps."""
+def run_fitted_each(args: argparse.Namespace, threshold: str, mode: str, test, calib, steps: list[int],
+                    reference) -> dict:  # fmt: skip
+    """One row for `threshold/mode` (a key of FITTED_EACH_T) fitted anew at each T, the SNN run for exactly T steps."""
     started = time.perf_counter()
-    row: dict = {"threshold": threshold, "v0": "optimal", "v0_fit": "each T", "samples": len(test), "snn_accuracy": {},
-                 "agreement_with_ann": {}, "v0_fraction": {}}  # fmt: skip
+    row: dict = {"threshold": threshold, "v0": mode, "v0_fit": "each T", "samples": len(test), "snn_accuracy": {},
+                 "agreement_with_ann": {}, "v0_fraction": {}, "build_seconds": {}}  # fmt: skip
     for t in steps:
-        options = BuildOptions(model=args.model, calib=calib, threshold=threshold, v0="optimal", v0_steps=t,
-                               maxpool=args.maxpool, device=args.device, calib_size=args.calib_size)  # fmt: skip
+        options = BuildOptions(model=args.model, calib=calib, threshold=threshold, v0_steps=t, steps=t,
+                               maxpool=args.maxpool, device=args.device, calib_size=args.calib_size,
+                               **FITTED_EACH_T[mode])  # fmt: skip
+        build_started = time.perf_counter()
         built = build_snn(options)
+        row["build_seconds"][str(t)] = round(time.perf_counter() - build_started, 1)
         target = get_target("torch", device=args.device)
         target.prepare(built.snn)
         result = evaluate(target, test, built.snn.preprocess, built.snn.input_shape, [t], args.batch_size, reference,
-                          progress=None, label=f"{threshold}/optimal@T={t}")  # fmt: skip
+                          progress=None, label=f"{threshold}/{mode}@T={t}")  # fmt: skip
         row["ann_accuracy"] = result.ann_accuracy()
         row["snn_accuracy"][str(t)] = result.snn_accuracy()[t]
         row["agreement_with_ann"][str(t)] = result.agreement[t] / result.samples
         row["v0_fraction"][str(t)] = built.snn.meta["conversion"].get("v0_fraction", {})
         row["v0_samples"] = built.snn.meta["conversion"].get("v0_samples")
-        print(f"{threshold:>8} optimal@T={t:<3} {result.samples:>6} {100 * result.snn_accuracy()[t]:6.2f}", flush=True)
+        print(f"{threshold:>8} {mode}@T={t:<3} {result.samples:>6} {100 * result.snn_accuracy()[t]:6.2f}", flush=True)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -172,6 +186,12 @@ def markdown(result: dict) -> str:
             f"; v0 `optimal` is fitted {_v0_fit(result)} on the first {_v0_samples(result)} of them."
             if any(row["v0"] == "optimal" for row in result["rows"])
             else "."
+        )
+        + (
+            " Rows `calibrated`: `--calibrate threshold,v0 -T T`, every layer's thresholds and v0 fitted at each T "
+            "reported, layer by layer on the SNN's own inputs (one build per T)."
+            if any(row["v0"] == "calibrated" for row in result["rows"])
+            else ""
         ),
         "",
         "| threshold | v0 | samples | ANN | " + " | ".join(f"T={t}" for t in steps) + " |",

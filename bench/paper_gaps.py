@@ -44,11 +44,10 @@ def ours(paths: list[Path]) -> list[dict]:
     for path in paths:
         result = json.loads(path.read_text())
         for row in result["rows"]:
-            if row["samples"] != result["test_samples"]:
-                continue  # only rows on the whole test set
+            label = row["v0"] if row["v0"] == "calibrated" else f"v0 {row['v0']}"
             fit = row.get("v0_fit") or (f"fitted at T={result.get('v0_steps')}" if row["v0"] == "optimal" else "")
             rows.append({
-                "method": f"ours: {row['threshold']} / v0 {row['v0']}" + (f" ({fit})" if fit else ""),
+                "method": f"ours: {row['threshold']} / {label}" + (f" ({fit})" if fit else ""),
                 "network": Path(result["model"]).stem,
                 "ann": 100 * row["ann_accuracy"],
                 "snn": {t: 100 * a for t, a in row["snn_accuracy"].items()},
