@@ -1,5 +1,6 @@
 """Low-latency deployment, end to end: each model built for Lava at a small T with the fitted
-initial potentials (`--v0 optimal --v0-T T`), then, on the whole test set at that T, the ANN
+initial potentials (`--v0 optimal --v0-T T`; `--method calibrated`: every layer's thresholds and
+v0 fitted at T, `--calibrate threshold,v0`), then, on the whole test set at that T, the ANN
 (onnxruntime), the float SNN (torch target) and the fixed-point SNN (loihi emulator, the
 network Lava runs); and Lava itself (fixed_pt, CPU simulator) against the emulator spike for
 spike on the first few test images.
@@ -47,7 +48,16 @@ MODELS = {
     "cifar10_vgg_clip": (ROOT / "models" / "zoo" / "cifar10_vgg_clip.onnx", SHARED / "cifar10"),
     "cifar10_fast_clip": (ROOT / "models" / "zoo" / "cifar10_fast_clip.onnx", SHARED / "cifar10"),
     "cifar10_fast_qcfs4": (ROOT / "models" / "zoo" / "cifar10_fast_qcfs4.onnx", SHARED / "cifar10"),
+    "cifar10_fast64_clip": (ROOT / "models" / "zoo" / "cifar10_fast64_clip.onnx", SHARED / "cifar10"),
 }
+# --method -> the build options it sets besides -T: the fitted initial potentials of every layer
+# (v0 only), or the latency calibration of every layer's thresholds and v0 (bench/accuracy_latency.py's
+# `calibrated` rows).
+METHODS = {
+    "optimal": {"v0": "optimal", "calibrate": "auto"},
+    "calibrated": {"v0": "half", "calibrate": "threshold,v0"},
+}
+METHOD_FLAGS = {"optimal": "--v0 optimal --v0-T T", "calibrated": "--calibrate threshold,v0"}
 
 
 def lava_validate() -> Any:
@@ -64,8 +74,8 @@ def lava_validate() -> Any:
 def deploy(name: str, steps: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model, data = MODELS[name]
     test = load_dataset(data, "test").subset(args.limit)
-    options = BuildOptions(model=model, out=workdir / f"{name}-T{steps}", target="lava", calib=data, v0="optimal",
-                           v0_steps=steps, steps=steps, device=args.device)  # fmt: skip
+    options = BuildOptions(model=model, out=workdir / f"{name}-T{steps}", target="lava", calib=data, v0_steps=steps,
+                           steps=steps, device=args.device, **METHODS[args.method])  # fmt: skip
     started = time.perf_counter()
     result = build(options)
     fixed = result.fixed
@@ -88,6 +98,7 @@ def deploy(name: str, steps: int, args: argparse.Namespace, workdir: Path) -> di
         "data": str(data),
         "samples": len(test),
         "steps": steps,
+        "method": args.method,
         "v0_fraction": {k: round(v, 3) for k, v in graph.meta["conversion"]["v0_fraction"].items()},
         "ann": accuracy["ann"],
         "float_snn": accuracy["torch"],
@@ -111,9 +122,14 @@ def markdown(result: dict[str, Any]) -> str:
         "# Deployment at low latency: float, fixed point and Lava",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores), Python {m['python']}, torch {m['torch']}, {m['date']}. "
-        "Each model built with `--target lava --v0 optimal --v0-T T` (thresholds: trained ceilings, v0 fitted on "
-        "training images at the same T), then the whole test set at T steps; Lava (fixed_pt) checked against the "
-        "emulator on the first test images. Written by `bench/deploy.py`.",
+        f"Each model built with `--target lava -T T {METHOD_FLAGS[result.get('method', 'optimal')]}` "
+        + (
+            "(thresholds: trained ceilings, v0 fitted on training images at the same T)"
+            if result.get("method", "optimal") == "optimal"
+            else "(thresholds and v0 of every layer fitted layer by layer on training images at the same T)"
+        )
+        + ", then the test images at T steps; Lava (fixed_pt) checked against the emulator on the first test "
+        "images. Written by `bench/deploy.py`.",
         "",
         "| model | T | samples | ANN | float SNN | fixed-point SNN | fixed - ANN | Lava == emulator |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -134,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--steps", default="8,16", help="comma-separated T (default 8,16)")
+    parser.add_argument(
+        "--method", choices=sorted(METHODS), default="optimal",
+        help=f"how the build fits the SNN at T: {'; '.join(f'{k}: {v}' for k, v in METHOD_FLAGS.items())}",
+    )
     parser.add_argument("--limit", type=int, help="test samples (default: all)")
     parser.add_argument("--lava-samples", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=250)
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown models {unknown}" if unknown else f"error: data not found: {', '.join(missing)} "
               "(see ../shared/data/README.md)", file=sys.stderr)  # fmt: skip
         return 2
-    result: dict[str, Any] = {"machine": describe_machine(), "rows": []}
+    result: dict[str, Any] = {"machine": describe_machine(), "method": args.method, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             for steps in [int(t) for t in args.steps.split(",")]:
