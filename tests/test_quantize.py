@@ -27,7 +27,7 @@ from toolchain.core.fixed import (
 from toolchain.errors import ToolchainError
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
 from toolchain.passes.convert import convert
-from toolchain.passes.quantize import quantize, unit_threshold_peaks
+from toolchain.passes.quantize import RESIDUAL_ROW_ERROR, quantize, unit_threshold_peaks
 
 make_target = functools.partial(get_target, "loihi")
 torch_target = functools.partial(get_target, "torch")
@@ -134,6 +134,25 @@ def test_a_population_whose_rows_exceed_the_8_bit_bound_gets_residual_synapses()
     assert auto.stats["weight_rel_l2"] < off.stats["weight_rel_l2"] / 20
     # models without such a channel keep one synapse per source
     assert "residual_synapses" not in quantize(make_snn(0, "basic"), input_range=(0, 1)).layer("act1").stats
+
+
+def test_a_synapse_row_far_below_its_largest_weights_gets_a_residual_synapse():
+    """One output channel with weights 1000x smaller than the others' under one threshold (as in a
+    patch-whitening stem): 8 bits at the synapse's exponent round that row to zero. `auto` adds a
+    residual synapse that holds it; `off` reports the row's error."""
+    snn = make_snn(0, "basic", per_channel=False)
+    conv1 = snn.node("conv1")
+    conv1.weight = conv1.weight.copy()
+    conv1.weight[1] /= 1000.0
+    # raw 8-bit pixels: the synapse's exponent leaves room below it for the residual's (at input range
+    # (0, 1) it sits at the floor of Loihi's exponent range and a residual gains nothing)
+    off = quantize(snn, input_range=(0, 255), residual_weights="off")
+    auto = quantize(snn, input_range=(0, 255))
+    assert off.layer("act1").stats["weight_row_rel_max"] > 0.5 and "residual_synapses" not in off.layer("act1").stats
+    assert auto.layer("act1").stats["residual_synapses"] == 1
+    assert auto.layer("act1").stats["weight_row_rel_max"] < RESIDUAL_ROW_ERROR
+    # layers whose every row 8 bits hold keep one synapse per source
+    assert [layer.stats.get("residual_synapses") for layer in auto.layers[1:]] == [None] * (len(auto.layers) - 1)
 
 
 def test_a_weight_beyond_one_mantissa_is_carried_by_several_synapses(monkeypatch):
