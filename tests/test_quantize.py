@@ -136,7 +136,7 @@ def test_a_population_whose_rows_exceed_the_8_bit_bound_gets_residual_synapses()
     assert "residual_synapses" not in quantize(make_snn(0, "basic"), input_range=(0, 1)).layer("act1").stats
 
 
-def test_a_synapse_row_far_below_its_largest_weights_gets_a_residual_synapse():
+def test_a_synapse_row_far_below_its_largest_weights_gets_a_residual_synapse(caplog):
     """One output channel with weights 1000x smaller than the others' under one threshold (as in a
     patch-whitening stem): 8 bits at the synapse's exponent round that row to zero. `auto` adds a
     residual synapse that holds it; `off` reports the row's error."""
@@ -146,8 +146,13 @@ def test_a_synapse_row_far_below_its_largest_weights_gets_a_residual_synapse():
     conv1.weight[1] /= 1000.0
     # raw 8-bit pixels: the synapse's exponent leaves room below it for the residual's (at input range
     # (0, 1) it sits at the floor of Loihi's exponent range and a residual gains nothing)
-    off = quantize(snn, input_range=(0, 255), residual_weights="off")
-    auto = quantize(snn, input_range=(0, 255))
+    with caplog.at_level(logging.WARNING, logger="toolchain.passes.quantize"):
+        off = quantize(snn, input_range=(0, 255), residual_weights="off")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["layer act1"]  # says so, names the layer
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="toolchain.passes.quantize"):
+        auto = quantize(snn, input_range=(0, 255))
+    assert not caplog.records
     assert off.layer("act1").stats["weight_row_rel_max"] > 0.5 and "residual_synapses" not in off.layer("act1").stats
     assert auto.layer("act1").stats["residual_synapses"] == 1
     assert auto.layer("act1").stats["weight_row_rel_max"] < RESIDUAL_ROW_ERROR

@@ -54,6 +54,7 @@ with `--maxpool relu` or `avg`) raises `ToolchainError` naming the node.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,8 @@ from toolchain.core.fixed import (
     synapse_range,
 )
 from toolchain.errors import ToolchainError, option
+
+log = logging.getLogger(__name__)
 
 
 def _pool_shape(shape: Shape, pool: tuple[int, int]) -> Shape:
@@ -905,6 +908,14 @@ def quantize(
                 break
         if bits < threshold_bits:
             layer.stats["threshold_bits"] = bits
+        if layer.stats["weight_row_rel_max"] > RESIDUAL_ROW_ERROR:
+            log.warning(
+                "layer %s: its fixed-point weights hold some output channel with %.0f %% error (%s); its "
+                "fixed-point SNN may fall short of the float one: compare them with --validate",
+                target.name,
+                100 * layer.stats["weight_row_rel_max"],
+                "residual synapses are off" if residual_weights == "off" else "even with a residual synapse",
+            )
         layers.append(layer)
         if is_if:
             in_theta[target.name] = theta
