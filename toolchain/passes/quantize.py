@@ -785,6 +785,7 @@ def quantize(
     if max_row_ratio == "auto":
         max_row_ratio = row_ratio_for(residual_weights)
     qmax = 2 ** (weight_bits - 1) - 1
+    row_error_bound = RESIDUAL_ROW_ERROR * 127 / qmax  # the same bits lost at any weight width
     populations = _populations(graph)  # refuses unsupported structures first
     lo, hi = _input_range(graph, input_range, calibration)
     input_max = 2**input_bits - 1
@@ -827,7 +828,7 @@ def quantize(
                     and (
                         unbalanced
                         or 2.0**e > RESIDUAL_STEP * big_theta
-                        or _worst_row_error(w, big_theta, [(q, e) for q in parts]) > RESIDUAL_ROW_ERROR
+                        or _worst_row_error(w, big_theta, [(q, e) for q in parts]) > row_error_bound
                     )
                 )
                 for w, parts, e in zip(normalised, mantissas, main_exps, strict=True)
@@ -908,7 +909,7 @@ def quantize(
                 break
         if bits < threshold_bits:
             layer.stats["threshold_bits"] = bits
-        if layer.stats["weight_row_rel_max"] > RESIDUAL_ROW_ERROR:
+        if layer.stats["weight_row_rel_max"] > row_error_bound:
             log.warning(
                 "layer %s: its fixed-point weights hold some output channel with %.0f %% error (%s); its "
                 "fixed-point SNN may fall short of the float one: compare them with --validate",
