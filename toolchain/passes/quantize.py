@@ -912,10 +912,11 @@ def quantize(
         if layer.stats["weight_row_rel_max"] > row_error_bound:
             log.warning(
                 "layer %s: its fixed-point weights hold some output channel with %.0f %% error (%s); its "
-                "fixed-point SNN may fall short of the float one: compare them with --validate",
+                "fixed-point SNN may fall short of the float one: compare them with %s",
                 target.name,
                 100 * layer.stats["weight_row_rel_max"],
                 "residual synapses are off" if residual_weights == "off" else "even with a residual synapse",
+                option("validate"),
             )
         layers.append(layer)
         if is_if:
