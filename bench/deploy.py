@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from accuracy_latency import FITTED_EACH_T  # noqa: E402
 from machine import describe_machine, write_results  # noqa: E402
 
 from toolchain.backends import open_target  # noqa: E402
@@ -51,13 +52,10 @@ MODELS = {
     "cifar10_fast_qcfs4": (ROOT / "models" / "zoo" / "cifar10_fast_qcfs4.onnx", SHARED / "cifar10"),
     "cifar10_fast64_clip": (ROOT / "models" / "zoo" / "cifar10_fast64_clip.onnx", SHARED / "cifar10"),
 }
-# --method -> the build options it sets besides -T: the fitted initial potentials of every layer
-# (v0 only), or the latency calibration of every layer's thresholds and v0 (bench/accuracy_latency.py's
-# `calibrated` rows).
-METHODS = {
-    "optimal": {"v0": "optimal", "calibrate": "auto"},
-    "calibrated": {"v0": "half", "calibrate": "threshold,v0"},
-}
+# --method -> the build options it sets besides -T, as bench/accuracy_latency.py's rows fitted at each T:
+# the fitted initial potentials of every layer (v0 only), or the latency calibration of every layer's
+# thresholds and v0.
+METHODS = FITTED_EACH_T
 METHOD_FLAGS = {"optimal": "--v0 optimal --v0-T T", "calibrated": "--calibrate threshold,v0"}
 
 
@@ -119,14 +117,15 @@ def deploy(name: str, steps: int, args: argparse.Namespace, workdir: Path) -> di
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    method = result.get("method", "optimal")  # results written before --method existed
     lines = [
         "# Deployment at low latency: float, fixed point and Lava",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores), Python {m['python']}, torch {m['torch']}, {m['date']}. "
-        f"Each model built with `--target lava -T T {METHOD_FLAGS[result.get('method', 'optimal')]}` "
+        f"Each model built with `--target lava -T T {METHOD_FLAGS[method]}` "
         + (
             "(thresholds: trained ceilings, v0 fitted on training images at the same T)"
-            if result.get("method", "optimal") == "optimal"
+            if method == "optimal"
             else "(thresholds and v0 of every layer fitted layer by layer on training images at the same T)"
         )
         + ", then the test images at T steps; Lava (fixed_pt) checked against the emulator on the first test "
