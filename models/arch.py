@@ -17,7 +17,9 @@ from models.layers import make_act
 Act = Callable[[], nn.Module]
 
 # default input side for each architecture
-DEFAULT_INPUT_SIZE = {"cnn_small": 28, "vgg_small": 28, "vgg_fast": 32, "vgg16": 32, "resnet20": 32, "resnet18": 32}
+DEFAULT_INPUT_SIZE = {
+    "cnn_small": 28, "vgg_small": 28, "vgg_fast": 32, "vgg_air": 32, "vgg16": 32, "resnet20": 32, "resnet18": 32,
+}  # fmt: skip
 
 
 def cnn_small(in_channels: int = 1, num_classes: int = 10, act: Act | None = None, input_size: int = 28) -> nn.Module:
@@ -73,6 +75,27 @@ def vgg_fast(
         layers += _conv_bn(channels, block_width, act) + [nn.AvgPool2d(2)] + _conv_bn(block_width, block_width, act)
         channels = block_width
     side = input_size // 8
+    layers += [nn.AvgPool2d(side), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def vgg_air(
+    in_channels: int = 3, num_classes: int = 10, act: Act | None = None, input_size: int = 32, width: int = 64
+) -> nn.Module:
+    """airbench's network (Jordan 2024) in what converts, trained with `--recipe fast`: a 2x2 unpadded stem
+    of 2 * 3 * 4 channels (all the patch-whitening directions with both signs), then three blocks of
+    widths (w, 4w, 4w), each conv-BN-act, 2x2 average pooling, conv-BN-act, and global average
+    pooling into one linear layer. The wide second block is where airbench puts its capacity; the
+    unpadded stem makes the maps 31, 15, 7 and 3 pixels wide. Average pooling instead of max
+    pooling and a clipped ReLU instead of GELU: every layer lowers to one Loihi synapse. Width 64 is
+    about 115 M multiply-accumulates per 32x32 image."""
+    act = act or make_act("clip")
+    stem = 2 * in_channels * 2 * 2
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 2, bias=False), nn.BatchNorm2d(stem), act()]
+    channels, side = stem, input_size - 1
+    for block_width in (width, 4 * width, 4 * width):
+        layers += _conv_bn(channels, block_width, act) + [nn.AvgPool2d(2)] + _conv_bn(block_width, block_width, act)
+        channels, side = block_width, side // 2
     layers += [nn.AvgPool2d(side), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
@@ -162,13 +185,14 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "cnn_small": cnn_small,
     "vgg_small": vgg_small,
     "vgg_fast": vgg_fast,
+    "vgg_air": vgg_air,
     "vgg16": vgg16,
     "resnet20": resnet20,
     "resnet18": resnet18,
 }
 
 
-WIDTH_ARCHS = ("vgg_small", "vgg_fast")  # architectures with a width (base channel count) option
+WIDTH_ARCHS = ("vgg_small", "vgg_fast", "vgg_air")  # architectures with a width (base channel count) option
 
 
 def build(
@@ -179,7 +203,8 @@ def build(
     input_size: int | None = None,
     width: int | None = None,
 ) -> nn.Module:
-    """Build a registered architecture by name (`width` only for vgg_small (default 32) and vgg_fast (48))."""
+    """Build a registered architecture by name (`width` only for vgg_small (default 32), vgg_fast (48)
+    and vgg_air (64))."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     size = input_size or DEFAULT_INPUT_SIZE[arch]

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
     parser.add_argument("--dataset", required=True, choices=sorted(DATASET_STATS))
     parser.add_argument("--data", required=True, help="dataset folder or file (IDX folder, CIFAR-10 tar.gz folder, .npz)")
-    parser.add_argument("--width", type=int, help="base channel count (vgg_small: default 32; vgg_fast: default 48)")
+    parser.add_argument("--width", type=int, help="base channel count (vgg_small: default 32; vgg_fast: default 48; vgg_air: 64)")
     parser.add_argument(
         "--recipe",
         default="default",
