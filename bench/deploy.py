@@ -51,6 +51,7 @@ MODELS = {
     "cifar10_fast_clip": (ROOT / "models" / "zoo" / "cifar10_fast_clip.onnx", SHARED / "cifar10"),
     "cifar10_fast_qcfs4": (ROOT / "models" / "zoo" / "cifar10_fast_qcfs4.onnx", SHARED / "cifar10"),
     "cifar10_fast64_clip": (ROOT / "models" / "zoo" / "cifar10_fast64_clip.onnx", SHARED / "cifar10"),
+    "cifar10_air64_clip": (ROOT / "models" / "zoo" / "cifar10_air64_clip.onnx", SHARED / "cifar10"),
 }
 # --method -> the build options it sets besides -T, as bench/accuracy_latency.py's rows fitted at each T:
 # the fitted initial potentials of every layer (v0 only), or the latency calibration of every layer's

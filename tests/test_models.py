@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 CALIB = MODELS / "data" / "mnist-calib.npz"
 PRE = {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
-CIFAR_ZOO = ("cifar10_vgg_clip", "cifar10_fast_clip", "cifar10_fast_qcfs4", "cifar10_fast64_clip")
+CIFAR_ZOO = ("cifar10_vgg_clip", "cifar10_fast_clip", "cifar10_fast_qcfs4", "cifar10_fast64_clip", "cifar10_air64_clip")
 ZOO = ("fmnist_vgg_clip", "fmnist_vgg_qcfs8", "fmnist_cnn_clip", *CIFAR_ZOO)
 ZOO_INPUT = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
