@@ -8,8 +8,10 @@ spike on the first few test images.
 This is what `toolchain build MODEL --target lava --v0 optimal --v0-T T -T T --data DATA
 --validate N` does, for several models and T in one run, written to JSON and Markdown.
 
-    .venv/bin/python bench/deploy.py                     # about an hour on one core (the width-64 CIFAR-10 model: 30 min at T=16)
+    .venv/bin/python bench/deploy.py                     # about two hours on one core (each width-64 CIFAR-10 model: 30+ min)
     .venv/bin/python bench/deploy.py --models cifar10_fast64_clip --steps 16 --method calibrated  # its README row
+    .venv/bin/python bench/deploy.py --models cifar10_air64_clip --steps 16 --method calibrated --limit 2000 \
+        --out bench/results/deploy_cifar10_air64  # its README row (7 minutes)
     .venv/bin/python bench/deploy.py --steps 8 --models fmnist_vgg_clip
 
 Writes bench/results/deploy.{json,md}. Models with max pooling are left out: the fixed-point
