@@ -44,6 +44,16 @@ def _conv_bn(in_channels: int, out_channels: int, act: Act) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), act()]
 
 
+def _pooled_blocks(channels: int, widths: tuple[int, ...], act: Act) -> tuple[list[nn.Module], int]:
+    """The fast networks' blocks: for each width, conv-BN-act, 2x2 average pooling, conv-BN-act.
+    Returns the layers and the channel count they end with."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += _conv_bn(channels, width, act) + [nn.AvgPool2d(2)] + _conv_bn(width, width, act)
+        channels = width
+    return layers, channels
+
+
 def vgg_small(
     in_channels: int = 1, num_classes: int = 10, act: Act | None = None, input_size: int = 28, width: int = 32
 ) -> nn.Module:
@@ -69,11 +79,8 @@ def vgg_fast(
     lowers to a Loihi synapse. Width 48 is about 48 M multiply-accumulates per 32x32 image."""
     act = act or make_act("clip")
     stem = max(1, width // 2)
-    layers: list[nn.Module] = _conv_bn(in_channels, stem, act)
-    channels = stem
-    for block_width in (width, 2 * width, 4 * width):
-        layers += _conv_bn(channels, block_width, act) + [nn.AvgPool2d(2)] + _conv_bn(block_width, block_width, act)
-        channels = block_width
+    blocks, channels = _pooled_blocks(stem, (width, 2 * width, 4 * width), act)
+    layers = _conv_bn(in_channels, stem, act) + blocks
     side = input_size // 8
     layers += [nn.AvgPool2d(side), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
@@ -88,14 +95,12 @@ def vgg_air(
     pooling into one linear layer. The wide second block is where airbench puts its capacity; the
     unpadded stem makes the maps 31, 15, 7 and 3 pixels wide. Average pooling instead of max
     pooling and a clipped ReLU instead of GELU: every layer lowers to one Loihi synapse. Width 64 is
-    about 115 M multiply-accumulates per 32x32 image."""
+    about 118 M multiply-accumulates per 32x32 image."""
     act = act or make_act("clip")
-    stem = 2 * in_channels * 2 * 2
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 2, bias=False), nn.BatchNorm2d(stem), act()]
-    channels, side = stem, input_size - 1
-    for block_width in (width, 4 * width, 4 * width):
-        layers += _conv_bn(channels, block_width, act) + [nn.AvgPool2d(2)] + _conv_bn(block_width, block_width, act)
-        channels, side = block_width, side // 2
+    stem = 2 * in_channels * 2 * 2  # both signs of every direction of a 2x2 patch
+    blocks, channels = _pooled_blocks(stem, (width, 4 * width, 4 * width), act)
+    layers = [nn.Conv2d(in_channels, stem, 2, bias=False), nn.BatchNorm2d(stem), act(), *blocks]
+    side = (input_size - 1) // 8  # the unpadded 2x2 stem takes one pixel, each of the three poolings halves (floor)
     layers += [nn.AvgPool2d(side), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
