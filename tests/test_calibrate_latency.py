@@ -127,6 +127,54 @@ def test_calibration_closes_the_low_T_gap_of_a_stock_residual_network():
     assert all(row["bias_placed"] for row in biased.values())  # every layer's bias has a synapse, residual ones too
 
 
+@pytest.mark.parametrize("groups, stride, padding", [(1, (1, 1), (1, 1, 1, 1)), (2, (2, 1), (0, 1, 2, 0))])
+def test_weight_refit_recovers_the_synapse_that_made_its_targets(groups, stride, padding):
+    """Targets made by a conv (grouped, strided, asymmetrically padded) from the rates: the refit,
+    started from other weights, solves back to that conv's weights and bias."""
+    from toolchain.core.interpreter import OPS, CompiledNode
+    from toolchain.passes.calibrate_latency import LatencyCalibration, _refit_synapse
+
+    rng = np.random.default_rng(0)
+    true = ir.Conv2d("conv", ["x"], weight=rng.normal(0, 0.5, (4, 4 // groups, 3, 3)).astype(np.float32),
+                     bias=rng.normal(0, 0.1, 4).astype(np.float32), stride=stride, padding=padding, groups=groups)  # fmt: skip
+    rates = torch.as_tensor(rng.uniform(0, 1, (64, 4, 7, 7)), dtype=torch.float32)
+    executor = TorchExecutor(ir.Graph("x", (4, 7, 7), [true], "conv"), "cpu")
+
+    target = OPS["conv2d"](executor.compiled[0], [rates.unsqueeze(0)], 1)[0]
+    start = ir.Conv2d("conv", ["x"], weight=(true.weight * 0.5).astype(np.float32), stride=stride, padding=padding,
+                      groups=groups)  # fmt: skip
+    compiled = CompiledNode(start, {"weight": torch.as_tensor(start.weight)})
+    report = LatencyCalibration(8, ("weight",), 64)
+    _refit_synapse(compiled, rates, target, report)
+    # (up to the ridge's pull towards the starting weights, half the true ones)
+    assert np.allclose(start.weight, true.weight, atol=0.01) and np.allclose(start.bias, true.bias, atol=0.01)
+    assert report.synapses["conv"]["heldout_error_ratio"] < 1e-3
+
+
+def test_weight_refit_generalises_to_images_it_was_not_fitted_on():
+    """`weight` refits the stock ResNet's spike-fed synapses (its readout's too) on calibration images;
+    on test images the SNN's logits come closer to the ANN's than with thresholds and v0 alone, the
+    ANN is untouched, and the stem (fed by the image, not by spikes) keeps its weights."""
+    data = shared_data("fashion-mnist")
+    test = load_dataset(data, "test").subset(300)
+    steps = 8
+    options = {"model": STOCK_RESNET, "calib": data, "calib_size": 256, "steps": steps, "device": "cpu"}
+    without = build_snn(BuildOptions(**options, calibrate="threshold,v0"))
+    refit = build_snn(BuildOptions(**options, calibrate="weight,threshold,v0"))
+    synapses = refit.log["latency_calibration"]["synapses"]
+    convs = [n for n in refit.snn.nodes if isinstance(n, (ir.Conv2d, ir.Linear))]
+    assert set(synapses) == {n.name for n in convs[1:]}, synapses  # all but the stem
+    assert all(0 < row["heldout_error_ratio"] <= 1 for row in synapses.values())
+    assert np.array_equal(convs[0].weight, next(n for n in without.snn.nodes if n.name == convs[0].name).weight)
+    for a, b in zip(without.ann.nodes, refit.ann.nodes, strict=True):
+        for key, value in ir.node_arrays(a).items():
+            assert (value is None and ir.node_arrays(b)[key] is None) or np.array_equal(value, ir.node_arrays(b)[key])
+    x = refit.snn.network_input(test.x)
+    ann = run_ann(refit.ann, x, "cpu")
+    error = {name: float(np.mean((_readout(r.snn, x, steps) - ann) ** 2)) for name, r in (("without", without), ("refit", refit))}
+    assert error["refit"] < error["without"], error
+
+
 def test_fixed_point_keeps_what_the_calibration_fitted():
     """Calibrated thresholds, potentials and biases lower to fixed point like any others: the
     emulator agrees with the float SNN on a calibrated third-party LeNet (average pools) about as

@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--calibrate",
         default="auto",
-        help="fit the SNN to the ANN at -T on --calib data, layer by layer: auto (threshold,v0 on layers "
-        "without trained ceilings), none, or a list of threshold,bias,v0 (every layer)",
+        help="fit the SNN to the ANN at -T on --calib data, layer by layer: auto (weight,threshold,v0 on "
+        "layers without trained ceilings), none, or a list of weight,threshold,bias,v0 (every layer)",
     )
     build.add_argument(
         "--residual-weights", default="auto", choices=("auto", "on", "off"),  # passes.quantize.RESIDUAL_POLICIES
