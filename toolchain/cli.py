@@ -319,9 +319,12 @@ def accuracy_hint(
     tries = []
     sources = [layer["source"] for layer in layers]
     if calibration is not None and "bias" not in calibration["methods"]:
-        tries.append("--calibrate threshold,bias,v0 (also corrects each channel's input bias, per layer, at this T)")
+        from toolchain.passes.calibrate_latency import METHODS
+
+        methods = ",".join(m for m in METHODS if m in calibration["methods"] or m == "bias")
+        tries.append(f"--calibrate {methods} (also corrects each channel's input bias, per layer, at this T)")
     elif calibration is None and args.calibrate == "none" and any(s != "ceiling" for s in sources):
-        tries.append(f"leaving out --calibrate none (fits thresholds and biases to the ANN at T={args.steps})")
+        tries.append(f"leaving out --calibrate none (fits weights, thresholds and v0 to the ANN at T={args.steps})")
     elif calibration is None and args.v0 != "optimal":
         tries.append(f"--v0 optimal --v0-T {args.steps} (fits v0 to the ANN at this T)")
     # `auto` already takes its data thresholds per channel: suggest --per-channel only where it acts.
