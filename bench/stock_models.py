@@ -74,7 +74,7 @@ FLAGS = {
     "threshold": "--calibrate threshold",
     "bias": "--calibrate bias",
     "threshold,bias": "--calibrate threshold,bias",
-    "threshold,v0": "--calibrate threshold,v0 (the `auto` before the weight refit)",
+    "threshold,v0": "--calibrate threshold,v0",
     "auto": "(nothing: --calib DATA -T T; = --calibrate weight,threshold,v0)",
     "+bias": "--calibrate weight,threshold,bias,v0",
 }
@@ -196,8 +196,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{100 * (near[k] - model['ann']):+.2f}" if k in near else "" for k in (str(t // 2), str(t), str(2 * t))
             )
             lines.append(f"| {name} | {t} | {cells} | {row['seconds'].get(str(t), '')} |")
-    flags = "; ".join(f"{k}: `{v}`" for k, v in FLAGS.items())
-    lines += ["", f"Methods: {flags}.", "",
+    flags = "; ".join(f"{k}: `{v}`" for k, v in FLAGS.items() if k in result["settings"])
+    history = " `threshold,v0` was `auto` before the weight refit joined it." if "threshold,v0" in result["settings"] else ""
+    lines += ["", f"Methods: {flags}.{history}", "",
               f"On {result['limit']} images one point is {result['limit'] // 100} images; one training run per model."]
     lines += [f"\n{note}" for note in result.get("notes", [])]
     return "\n".join(lines) + "\n"
