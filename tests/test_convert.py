@@ -114,6 +114,20 @@ def test_auto_keeps_reached_ceilings_and_replaces_fixed_ones(inputs):
     assert set(plain.source.values()) == {"p99.99 per channel"}
 
 
+def test_auto_takes_relu6_from_data_even_where_data_reach_6(inputs):
+    """ReLU6 is a fixed clip, not a ceiling trained for conversion: with data its thresholds are the
+    per-channel p99.99 (at most 6, the clip the ANN keeps) even where activations sit at 6."""
+    batches = [inputs[:30], inputs[30:]]
+    scaled = [b * 1e4 for b in batches]  # drives every layer to its clip
+    relu6 = make_ann(ceiling=6.0)
+    thresholds = compute_thresholds(relu6, ThresholdSpec("auto"), scaled, len(inputs), "cpu")
+    assert set(thresholds.source.values()) == {"p99.99 per channel (ReLU6: a fixed ceiling, not trained)"}
+    assert all(np.all(v <= 6.0) for v in thresholds.values.values())
+    trained = compute_thresholds(make_ann(ceiling=5.5), ThresholdSpec("auto"), scaled, len(inputs), "cpu")
+    assert set(trained.source.values()) == {"ceiling"}  # reached, and not ReLU6's: a trained ceiling
+    assert set(compute_thresholds(relu6, ThresholdSpec("auto")).source.values()) == {"ceiling"}  # no data
+
+
 def test_v0_modes_and_readout(inputs):
     ann = make_ann()
     thresholds = compute_thresholds(ann, ThresholdSpec("ceiling"))

@@ -6,8 +6,8 @@ Thresholds (`--threshold`):
   pXX.XX   a high percentile of the activations on the calibration set (robust to outliers)
   auto     the trained ceiling where the ANN has one, else p99.99 of each channel: a clipped
            ReLU's ceiling counts as trained when calibration data reaches it (at least
-           0.01 % of the layer's activations sit at it); a fixed one that is never reached
-           (ReLU6's 6) is replaced by the channels' p99.99. QCFS ceilings are always kept.
+           0.01 % of the layer's activations sit at it); a fixed one that is never reached,
+           and ReLU6's 6 always, is replaced by the channels' p99.99. QCFS ceilings are always kept.
 
 Percentiles are exact and memory-bounded: for each layer we keep only the top-k values
 seen so far, where k is the number of values above the percentile in the whole set.
@@ -77,6 +77,13 @@ def activations(graph: ir.Graph) -> list[ir.Relu]:
 AUTO_PERCENTILE = 99.99
 
 
+# ReLU6 (MobileNet, torchvision) clips at exactly 6: a fixed activation, not a ceiling trained for
+# conversion, and far too coarse a threshold at low T where its data reach it (a stock MobileNet's
+# last layer: theta 6 left uncalibrated, 7 points below its ANN at T=8). With data, its thresholds
+# come from the data like a plain ReLU's (the ANN keeps the clip).
+RELU6_CEILING = 6.0
+
+
 def _ceiling_is_kept(node: ir.Relu) -> bool:
     """QCFS ceilings and per-channel ceilings are trained by construction; a scalar clip is tested on data."""
     return node.ceiling is not None and (node.levels > 0 or np.asarray(node.ceiling).size > 1)
@@ -137,11 +144,13 @@ def _auto_thresholds(
     batches = list(batches) if batches is not None else None
     unreached: set[str] = set()  # scalar clip ceilings no calibration activation reaches
     testable = [n for n in clipped if not _ceiling_is_kept(n)]
+    relu6 = {n.name for n in testable if float(np.asarray(n.ceiling).max()) == RELU6_CEILING} if batches else set()
     if batches is not None and testable:
         layer_stats = _percentile_thresholds(graph, testable, batches, num_samples, AUTO_PERCENTILE, False, device)
         for node in testable:
             if float(layer_stats[node.name].max()) < float(np.asarray(node.ceiling).max()) * (1 - 1e-6):
                 unreached.add(node.name)
+    unreached |= relu6
     data_layers = plain + [n for n in clipped if n.name in unreached]
     stats: dict[str, np.ndarray] = {}
     if data_layers:
@@ -155,7 +164,9 @@ def _auto_thresholds(
             continue
         result.values[node.name] = stats[node.name]
         result.source[node.name] = f"p{AUTO_PERCENTILE:g} per channel"
-        if node.name in unreached:
+        if node.name in relu6:
+            result.source[node.name] += " (ReLU6: a fixed ceiling, not trained)"
+        elif node.name in unreached:
             result.source[node.name] += f" (ceiling {float(np.asarray(node.ceiling).max()):.4g} not reached)"
     return _checked(result)
 
