@@ -48,6 +48,11 @@ V0_MODES = ("zero", "half", "optimal")
 FITTED_EACH_T = {"optimal": {"v0": "optimal"}, "calibrated": {"v0": "half", "calibrate": "threshold,v0"}}
 
 
+def fitted_flags(mode: str) -> str:
+    """FITTED_EACH_T[mode] as the build's command-line flags (each row also fits v0 at its T: --v0-T T)."""
+    return " ".join([f"--{key} {value}" for key, value in FITTED_EACH_T[mode].items()] + ["--v0-T T"])
+
+
 def run(args: argparse.Namespace) -> dict:
     steps = parse_steps(args.steps)
     test = load_dataset(args.data, "test").subset(args.limit)

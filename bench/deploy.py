@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from accuracy_latency import FITTED_EACH_T  # noqa: E402
+from accuracy_latency import FITTED_EACH_T, fitted_flags  # noqa: E402
 from machine import describe_machine, write_results  # noqa: E402
 
 from toolchain.backends import open_target  # noqa: E402
@@ -55,11 +55,9 @@ MODELS = {
     "cifar10_fast64_clip": (ROOT / "models" / "zoo" / "cifar10_fast64_clip.onnx", SHARED / "cifar10"),
     "cifar10_air64_clip": (ROOT / "models" / "zoo" / "cifar10_air64_clip.onnx", SHARED / "cifar10"),
 }
-# --method -> the build options it sets besides -T, as bench/accuracy_latency.py's rows fitted at each T:
-# the fitted initial potentials of every layer (v0 only), or the latency calibration of every layer's
-# thresholds and v0.
-METHODS = FITTED_EACH_T
-METHOD_FLAGS = {"optimal": "--v0 optimal --v0-T T", "calibrated": "--calibrate threshold,v0"}
+# --method (a key of FITTED_EACH_T) -> the build options it sets besides -T, as bench/accuracy_latency.py's
+# rows fitted at each T: the fitted initial potentials of every layer (v0 only), or the latency
+# calibration of every layer's thresholds and v0.
 
 
 def lava_validate() -> Any:
@@ -77,7 +75,7 @@ def deploy(name: str, steps: int, args: argparse.Namespace, workdir: Path) -> di
     model, data = MODELS[name]
     test = load_dataset(data, "test").subset(args.limit)
     options = BuildOptions(model=model, out=workdir / f"{name}-T{steps}", target="lava", calib=data, v0_steps=steps,
-                           steps=steps, device=args.device, **METHODS[args.method])  # fmt: skip
+                           steps=steps, device=args.device, **FITTED_EACH_T[args.method])  # fmt: skip
     started = time.perf_counter()
     result = build(options)
     fixed = result.fixed
@@ -125,7 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# Deployment at low latency: float, fixed point and Lava",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} cores), Python {m['python']}, torch {m['torch']}, {m['date']}. "
-        f"Each model built with `--target lava -T T {METHOD_FLAGS[method]}` "
+        f"Each model built with `--target lava -T T {fitted_flags(method)}` "
         + (
             "(thresholds: trained ceilings, v0 fitted on training images at the same T)"
             if method == "optimal"
@@ -154,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--steps", default="8,16", help="comma-separated T (default 8,16)")
     parser.add_argument(
-        "--method", choices=sorted(METHODS), default="optimal",
-        help=f"how the build fits the SNN at T: {'; '.join(f'{k}: {v}' for k, v in METHOD_FLAGS.items())}",
+        "--method", choices=sorted(FITTED_EACH_T), default="optimal",
+        help=f"how the build fits the SNN at T: {'; '.join(f'{m}: {fitted_flags(m)}' for m in FITTED_EACH_T)}",
     )
     parser.add_argument("--limit", type=int, help="test samples (default: all)")
     parser.add_argument("--lava-samples", type=int, default=5)

@@ -143,8 +143,9 @@ def _auto_thresholds(
         _require_data(plain, batches, "they have no trained ceiling")
     batches = list(batches) if batches is not None else None
     unreached: set[str] = set()  # scalar clip ceilings no calibration activation reaches
-    testable = [n for n in clipped if not _ceiling_is_kept(n)]
-    relu6 = {n.name for n in testable if float(np.asarray(n.ceiling).max()) == RELU6_CEILING} if batches else set()
+    scalar_clips = [n for n in clipped if not _ceiling_is_kept(n)]
+    relu6 = {n.name for n in scalar_clips if float(np.asarray(n.ceiling).max()) == RELU6_CEILING} if batches else set()
+    testable = [n for n in scalar_clips if n.name not in relu6]  # ReLU6 takes data thresholds whatever it reaches
     if batches is not None and testable:
         layer_stats = _percentile_thresholds(graph, testable, batches, num_samples, AUTO_PERCENTILE, False, device)
         for node in testable:

@@ -313,24 +313,28 @@ def _refit_synapses(snn: ir.Graph, layers: set[str]) -> set[str]:
     return chosen
 
 
+def _group_channels(node: ir.Node, value: torch.Tensor, group: int) -> torch.Tensor:
+    """The channels of (B, C, H, W) `value` that weight group `group` of conv `node` reads or writes."""
+    per_group = value.shape[1] // node.groups
+    return value[:, group * per_group : (group + 1) * per_group]
+
+
 def _synapse_features(node: ir.Node, rates: torch.Tensor, group: int) -> torch.Tensor:
     """(rows, inputs) of one weight group: the input rates each output value sums, for a least-squares fit."""
     if isinstance(node, ir.Linear):
         return rates.reshape(-1, rates.shape[-1])
-    per_group = rates.shape[1] // node.groups
-    x = rates[:, group * per_group : (group + 1) * per_group]
     top, left, bottom, right = node.padding
-    x = torch.nn.functional.pad(x, (left, right, top, bottom))
+    x = torch.nn.functional.pad(_group_channels(node, rates, group), (left, right, top, bottom))
     columns = torch.nn.functional.unfold(x, node.weight.shape[2:], dilation=node.dilation, stride=node.stride)
     return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
 
 def _synapse_targets(node: ir.Node, target: torch.Tensor, group: int) -> torch.Tensor:
+    """(rows, outputs) of one weight group: the ANN's output values, row for row with `_synapse_features`."""
     if isinstance(node, ir.Linear):
         return target.reshape(-1, target.shape[-1])
-    per_group = target.shape[1] // node.groups
-    y = target[:, group * per_group : (group + 1) * per_group]
-    return y.flatten(2).transpose(1, 2).reshape(-1, per_group)
+    y = _group_channels(node, target, group)
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
 
 
 def _refit_synapse(compiled: CompiledNode, rates: torch.Tensor, target: torch.Tensor, report: LatencyCalibration) -> None:
