@@ -14,6 +14,8 @@
   it), and concatenated pooled branches into the classifier.
 * "maxpool": LeNet/VGG-style max pooling (2x2, and an overlapping padded 3x3 with stride 2),
   converted with `maxpool` ("relu": IF-neuron max trees, which fixed point runs).
+* "concat_maxpool": max pooling over channel concatenations of populations (SqueezeNet's fire
+  module, Inception's pooled block output), converted with "relu" max trees.
 * "depthwise": MobileNet-style depthwise and pointwise convolutions, a channel multiplier,
   batch norm after a ReLU, global average pooling.
 * "wide": "depthwise" with one population's thresholds 8 times lower after conversion, so
@@ -131,6 +133,28 @@ def make_ann(seed: int = 0, variant: str = "basic") -> ir.Graph:
             ir.Conv2d("conv2", ["pool1"], weight=_w(rng, 6, 4, 3, 3), bias=_b(rng, 6), padding=(1, 1, 1, 1)),
             ir.Relu("act2", ["conv2"]),
             ir.MaxPool2d("pool2", ["act2"], kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1)),
+            ir.Flatten("flat", ["pool2"]),
+            ir.Linear("fc", ["flat"], weight=_w(rng, 5, 54), bias=_b(rng, 5)),
+        ]
+    elif variant == "concat_maxpool":  # SqueezeNet's fire module and Inception's pooled block output
+        shape = (2, 10, 10)
+        nodes = [
+            ir.Conv2d("conv1", ["x"], weight=_w(rng, 4, 2, 3, 3), bias=_b(rng, 4), padding=(1, 1, 1, 1)),
+            ir.Relu("act1", ["conv1"]),
+            ir.Conv2d("squeeze", ["act1"], weight=_w(rng, 2, 4, 1, 1), bias=_b(rng, 2)),
+            ir.Relu("act_s", ["squeeze"]),
+            ir.Conv2d("expand1", ["act_s"], weight=_w(rng, 3, 2, 1, 1), bias=_b(rng, 3)),
+            ir.Relu("act_e1", ["expand1"]),
+            ir.Conv2d("expand3", ["act_s"], weight=_w(rng, 3, 2, 3, 3), bias=_b(rng, 3), padding=(1, 1, 1, 1)),
+            ir.Relu("act_e3", ["expand3"]),
+            ir.Concat("fire", ["act_e1", "act_e3"]),
+            ir.MaxPool2d("pool1", ["fire"]),  # over two populations' spikes
+            ir.Conv2d("conv2", ["pool1"], weight=_w(rng, 4, 6, 3, 3), bias=_b(rng, 4), padding=(1, 1, 1, 1)),
+            ir.Relu("act2", ["conv2"]),
+            ir.Conv2d("branch", ["pool1"], weight=_w(rng, 2, 6, 1, 1), bias=_b(rng, 2)),
+            ir.Relu("act_b", ["branch"]),
+            ir.Concat("cat2", ["act2", "act_b"]),
+            ir.MaxPool2d("pool2", ["cat2"], kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1)),
             ir.Flatten("flat", ["pool2"]),
             ir.Linear("fc", ["flat"], weight=_w(rng, 5, 54), bias=_b(rng, 5)),
         ]

@@ -59,7 +59,7 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
 @pytest.mark.parametrize(
     "variant, samples, steps",
     [("basic", 3, 12), ("odd", 2, 10), ("residual", 2, 10), ("concat", 2, 10), ("depthwise", 2, 10), ("wide", 2, 10)]
-    + [("maxpool", 2, 10)],
+    + [("maxpool", 2, 10), ("concat_maxpool", 2, 10)],
 )
 @needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):
@@ -226,7 +226,7 @@ def test_resources_count_the_synapses_lava_builds():
 @needs_lava
 def test_a_torch_model_with_every_branch_kind_builds_for_lava_and_validates(tmp_path):
     """From torch.onnx.export to Lava: F.relu residual Add, torch.cat, a depthwise conv, BN after a ReLU
-    and a max-pool, through `build` (target lava: --maxpool relu by default), spike for spike."""
+    and a max-pool of a concatenation, through `build` (target lava: --maxpool relu by default), spike for spike."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -241,13 +241,13 @@ def test_a_torch_model_with_every_branch_kind_builds_for_lava_and_validates(tmp_
             self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
             self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
             self.bn = nn.BatchNorm2d(8)
-            self.fc = nn.Linear(8 * 6 * 6, 3)
+            self.fc = nn.Linear(12 * 6 * 6, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             a = F.relu(self.conv1(x))
             b = F.relu(self.conv2(a) + a)
             c = self.bn(F.relu(self.dw(torch.cat([a, b], 1))))
-            return self.fc(torch.flatten(F.max_pool2d(F.relu(c), 2), 1))
+            return self.fc(torch.flatten(F.max_pool2d(torch.cat([F.relu(c), a], 1), 2), 1))  # a pooled concat
 
     torch.manual_seed(0)
     net = Net().eval()

@@ -92,7 +92,7 @@ def _quiet_calibration(caplog):
     caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
-DAG_VARIANTS = ["residual", "concat", "depthwise", "wide", "maxpool"]
+DAG_VARIANTS = ["residual", "concat", "depthwise", "wide", "maxpool", "concat_maxpool"]
 
 
 @pytest.mark.parametrize("variant", ["basic", "odd", *DAG_VARIANTS])
@@ -139,7 +139,8 @@ def test_overflow_raises_naming_the_layer_or_saturates_like_the_reference():
 def test_fixed_point_predictions_are_close_to_the_float_snn():
     steps = 32
     agreements, errors = [], []
-    nets = (("basic", 0), ("basic", 2), ("odd", 0), ("residual", 0), ("concat", 1), ("depthwise", 0), ("maxpool", 0))
+    nets = (("basic", 0), ("basic", 2), ("odd", 0), ("residual", 0), ("concat", 1), ("depthwise", 0), ("maxpool", 0),
+            ("concat_maxpool", 0))  # fmt: skip
     for variant, seed in nets:
         snn = make_snn(seed, variant)
         x = make_inputs(snn, 48)

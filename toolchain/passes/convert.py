@@ -80,13 +80,14 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
             theta = np.asarray(thresholds.values[node.name], np.float32).reshape(-1)
             nodes.append(ir.IFNeuron(node.name, list(node.inputs), node.shape, threshold=theta, v0=theta * fraction))
         elif isinstance(node, ir.MaxPool2d) and options.maxpool == "relu":
-            source = next((n for n in nodes if n.name == node.inputs[0]), None)
-            if not isinstance(source, ir.IFNeuron):
+            theta = spike_thresholds({n.name: n for n in nodes}, node.inputs[0])
+            if theta is None:
                 raise ToolchainError(
-                    f"node {node.name!r} (MaxPool): {option('maxpool', 'relu')} needs a ReLU directly before the "
-                    f"max-pool (spikes to compare); use {option('maxpool', 'spiking')} or avg for this model"
+                    f"node {node.name!r} (MaxPool): {option('maxpool', 'relu')} needs spikes to compare: a ReLU, or a "
+                    f"channel Concat of ReLUs, directly before the max-pool; use {option('maxpool', 'avg')} (average "
+                    f"pooling, changes the ANN) or {option('maxpool', 'spiking')} (float targets only) for this model"
                 )
-            nodes.extend(relu_maxpool(node, source, fraction))
+            nodes.extend(relu_maxpool(node, theta, fraction))
         else:
             nodes.append(copy.deepcopy(node))
     readout = ir.Readout(f"{ann.output}/readout", [ann.output], ann.shape_of(ann.output))
@@ -100,13 +101,25 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
     return ir.Graph(ann.input_name, ann.input_shape, nodes, readout.name, copy.deepcopy(ann.preprocess), meta)
 
 
-def relu_maxpool(pool: ir.MaxPool2d, source: ir.IFNeuron, fraction: float) -> list[ir.Node]:
-    """The max-pool over `source`'s spikes as IF neurons and linear ops: max(a, b) = b + relu(a - b).
+def spike_thresholds(nodes: dict[str, ir.Node], name: str) -> np.ndarray | None:
+    """Per-channel thresholds (C,) of value `name` if it is spikes, else None: an IF layer's output,
+    or a channel concatenation of spike values (Inception, SqueezeNet and DenseNet blocks end so)."""
+    node = nodes.get(name)
+    if isinstance(node, ir.IFNeuron):
+        return np.broadcast_to(np.asarray(node.threshold, np.float32).reshape(-1), (int(node.shape[0]),)).copy()
+    if isinstance(node, ir.Concat):
+        parts = [spike_thresholds(nodes, part) for part in node.inputs]
+        return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
+    return None
+
+
+def relu_maxpool(pool: ir.MaxPool2d, theta: np.ndarray, fraction: float) -> list[ir.Node]:
+    """The max-pool over spikes with per-channel thresholds `theta` as IF neurons and linear ops:
+    max(a, b) = b + relu(a - b).
 
     The last node keeps the pool's name (and shape), so its consumers are unchanged."""
-    channels = int(source.shape[0])
+    channels = len(theta)
     kh, kw = pool.kernel
-    theta = np.broadcast_to(np.asarray(source.threshold, np.float32).reshape(-1), (channels,)).copy()
     made: list[ir.Node] = []
     partial: list[str] = []
     for a in range(kh):
@@ -114,7 +127,7 @@ def relu_maxpool(pool: ir.MaxPool2d, source: ir.IFNeuron, fraction: float) -> li
             one_hot = np.zeros((channels, 1, kh, kw), np.float32)
             one_hot[:, 0, a, b] = 1
             cell = ir.Conv2d(
-                f"{pool.name}/cell{a}_{b}", [source.name], pool.shape, weight=one_hot,
+                f"{pool.name}/cell{a}_{b}", [pool.inputs[0]], pool.shape, weight=one_hot,
                 stride=tuple(pool.stride), padding=tuple(pool.padding), groups=channels,
             )
             made.append(cell)
