@@ -190,3 +190,44 @@ def test_v0_fit_takes_as_many_samples_as_its_memory_budget_allows(inputs):
     assert v0_samples(executor, 8, 40) == 40
     optimise_v0(snn, ann, inputs, 8, "cpu", memory_budget=5 * per_sample)
     assert snn.meta["conversion"]["v0_samples"] == min(len(inputs), 16)
+
+
+def test_a_max_pool_before_its_relu_is_moved_after_it_and_lowers_to_fixed_point(tmp_path):
+    """`F.relu(F.max_pool2d(conv(x), 2))` (PyTorch's MNIST example): the pool compares currents, which
+    no spiking max-pool can; ReLU commutes with max, so the pass moves the pool after it: the ANN is
+    unchanged (onnxruntime's output), and the fixed-point build runs it with IF-neuron max trees."""
+    import warnings
+
+    from toolchain.build import BuildOptions, build, load_ann
+    from toolchain.onnx_reference import OnnxReference
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(1, 4, 3)
+            self.conv2 = torch.nn.Conv2d(4, 6, 3)
+            self.fc = torch.nn.Linear(6 * 2 * 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.nn.functional.relu(torch.nn.functional.max_pool2d(self.conv1(x), 2))
+            x = torch.nn.functional.relu(torch.nn.functional.max_pool2d(self.conv2(x), 2))
+            return torch.nn.functional.log_softmax(self.fc(x.flatten(1)), dim=1)
+
+    torch.manual_seed(0)
+    model = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Net().eval(), (torch.zeros(1, 1, 14, 14),), str(model), dynamo=False)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.integers(0, 256, (64, 1, 14, 14)).astype(np.uint8), y=rng.integers(0, 3, 64))
+    options = BuildOptions(model=model, target="loihi", calib=data, device="cpu", steps=16)
+    ann = load_ann(options)
+    order = [type(n).__name__ for n in ann.nodes if isinstance(n, (ir.Relu, ir.MaxPool2d))]
+    assert order == ["Relu", "MaxPool2d", "Relu", "MaxPool2d"], order
+    x = ann.network_input(np.load(data)["x"][:8])
+    logits = torch.log_softmax(torch.as_tensor(run_ann(ann, x)), dim=1).numpy()  # the frontend drops LogSoftmax
+    np.testing.assert_allclose(logits, OnnxReference(model)(x), atol=1e-4)
+    result = build(options)
+    assert result.fixed is not None and result.snn.meta["conversion"]["maxpool"] == "relu"
+    assert any(n.name.endswith("/relu") for n in result.snn.nodes if isinstance(n, ir.IFNeuron))  # the max trees

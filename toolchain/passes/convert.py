@@ -44,8 +44,10 @@ def replace_maxpool(graph: ir.Graph, policy: str) -> ir.Graph:
     if policy not in MAXPOOL_POLICIES:
         raise ToolchainError(f"maxpool={policy!r}: choose one of {', '.join(MAXPOOL_POLICIES)}")
     pools = [n for n in graph.nodes if isinstance(n, ir.MaxPool2d)]
-    if not pools or policy in ("spiking", "relu"):  # both keep the ANN's max-pool (convert builds the SNN's)
+    if not pools:
         return graph
+    if policy in ("spiking", "relu"):  # both keep the ANN's max-pool (convert builds the SNN's)
+        return pool_after_activation(graph)
     if policy == "error":
         raise ToolchainError(
             f"node {pools[0].name!r} (MaxPool): max pooling refused by {option('maxpool', 'error')}; "
@@ -60,6 +62,49 @@ def replace_maxpool(graph: ir.Graph, policy: str) -> ir.Graph:
                 node.name, node.inputs, node.shape, node.kernel, node.stride, node.padding, count_include_pad=False
             )
     return graph
+
+
+def pool_after_activation(graph: ir.Graph) -> ir.Graph:
+    """Each max-pool whose only consumer is an activation moved after it (the activation then reads the
+    pool's input; any other reader of that input is unchanged).
+
+    `F.relu(F.max_pool2d(conv(x), 2))` (PyTorch's MNIST example and many like it) pools currents,
+    which no spiking max-pool can compare; every activation here is monotone (ReLU, a clip, QCFS's
+    staircase), so it commutes with max and the ANN is unchanged, while the pool now sees spikes.
+    The activation keeps its name (its threshold is reported under it), the pool its own."""
+    nodes = list(graph.nodes)
+    output = graph.output
+    changed = False
+    for pool in [n for n in nodes if isinstance(n, ir.MaxPool2d)]:
+        after = [n for n in nodes if pool.name in n.inputs]
+        if len(after) != 1 or not isinstance(after[0], ir.Relu) or pool.name == output:
+            continue
+        if pool.inputs[0] == graph.input_name:  # an IF layer needs a synapse before it
+            continue
+        act = after[0]
+        moved_act = copy.deepcopy(act)
+        moved_act.inputs = list(pool.inputs)
+        moved_pool = copy.deepcopy(pool)
+        moved_pool.inputs = [act.name]
+        rest = []
+        for node in nodes:
+            if node is act:
+                continue
+            if node is pool:
+                rest += [moved_act, moved_pool]
+                continue
+            if act.name in node.inputs:
+                node = copy.deepcopy(node)
+                node.inputs = [pool.name if name == act.name else name for name in node.inputs]
+            rest.append(node)
+        nodes = rest
+        output = pool.name if output == act.name else output
+        changed = True
+    if not changed:
+        return graph
+    moved = ir.Graph(graph.input_name, graph.input_shape, nodes, output, graph.preprocess, graph.meta)
+    moved.infer_shapes()
+    return moved
 
 
 def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | None = None) -> ir.Graph:
