@@ -16,6 +16,8 @@
   converted with `maxpool` ("relu": IF-neuron max trees, which fixed point runs).
 * "concat_maxpool": max pooling over channel concatenations of populations (SqueezeNet's fire
   module, Inception's pooled block output), converted with "relu" max trees.
+* "stem_maxpool": a max-pool over a stem conv's currents (no ReLU before it), its output also
+  concatenated on: the ANN pass rewrites it as a ReLU tree whose thresholds come from data.
 * "depthwise": MobileNet-style depthwise and pointwise convolutions, a channel multiplier,
   batch norm after a ReLU, global average pooling.
 * "wide": "depthwise" with one population's thresholds 8 times lower after conversion, so
@@ -29,7 +31,7 @@ import numpy as np
 
 from toolchain.core import ir
 from toolchain.passes.calibrate import ThresholdSpec, compute_thresholds
-from toolchain.passes.convert import ConversionOptions, convert
+from toolchain.passes.convert import ConversionOptions, convert, replace_maxpool
 
 
 def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -158,6 +160,21 @@ def make_ann(seed: int = 0, variant: str = "basic") -> ir.Graph:
             ir.Flatten("flat", ["pool2"]),
             ir.Linear("fc", ["flat"], weight=_w(rng, 5, 54), bias=_b(rng, 5)),
         ]
+    elif variant == "stem_maxpool":  # a max-pool over currents: a stem conv with no ReLU before the pool
+        shape = (2, 10, 10)
+        nodes = [
+            ir.Conv2d("stem", ["x"], weight=_w(rng, 4, 2, 3, 3), bias=_b(rng, 4), padding=(1, 1, 1, 1)),
+            ir.MaxPool2d("pool1", ["stem"]),
+            ir.ScaleShift("bn1", ["pool1"], scale=rng.uniform(0.5, 1.5, 4).astype(np.float32), shift=_b(rng, 4)),
+            ir.Relu("act1", ["bn1"]),
+            ir.Conv2d("conv2", ["act1"], weight=_w(rng, 4, 4, 3, 3), bias=_b(rng, 4), padding=(1, 1, 1, 1)),
+            ir.Relu("act2", ["conv2"]),
+            ir.Concat("cat", ["pool1", "act2"]),  # the pooled currents also go on, DenseNet-style
+            ir.ScaleShift("bn3", ["cat"], scale=rng.uniform(0.5, 1.5, 8).astype(np.float32), shift=_b(rng, 8)),
+            ir.Relu("act3", ["bn3"]),
+            ir.Flatten("flat", ["act3"]),
+            ir.Linear("fc", ["flat"], weight=_w(rng, 5, 200), bias=_b(rng, 5)),
+        ]
     elif variant == "depthwise":
         shape = (3, 8, 8)
         nodes = [
@@ -191,7 +208,7 @@ def make_inputs(graph: ir.Graph, count: int, seed: int = 1) -> np.ndarray:
 
 
 def make_snn(seed: int = 0, variant: str = "basic", per_channel: bool = True, maxpool: str = "relu") -> ir.Graph:
-    ann = make_ann(seed, "depthwise" if variant == "wide" else variant)
+    ann = replace_maxpool(make_ann(seed, "depthwise" if variant == "wide" else variant), maxpool)
     x = make_inputs(ann, 64, seed + 100)
     spec = ThresholdSpec("percentile", percentile=99.9, per_channel=per_channel)
     snn = convert(ann, compute_thresholds(ann, spec, [x], len(x), "cpu"), ConversionOptions(maxpool=maxpool))

@@ -231,3 +231,27 @@ def test_a_max_pool_before_its_relu_is_moved_after_it_and_lowers_to_fixed_point(
     result = build(options)
     assert result.fixed is not None and result.snn.meta["conversion"]["maxpool"] == "relu"
     assert any(n.name.endswith("/relu") for n in result.snn.nodes if isinstance(n, ir.IFNeuron))  # the max trees
+
+
+def test_a_max_pool_over_currents_becomes_an_exact_relu_tree_in_the_ann():
+    """--maxpool relu over a value that is not spikes (a stem conv, no ReLU before the pool): the ANN
+    pass writes the pool as max(a, b) = b + relu(a - b), so the ANN computes the same function and its
+    ReLUs take thresholds from data; a padded pool over currents is refused by name (-inf padding)."""
+    from tests.fixed_point_graphs import make_ann as make_fixed_point_ann
+    from tests.fixed_point_graphs import make_inputs
+
+    ann = make_fixed_point_ann(0, "stem_maxpool")
+    tree = replace_maxpool(ann, "relu")
+    assert not any(isinstance(n, ir.MaxPool2d) for n in tree.nodes)
+    assert sum(isinstance(n, ir.Relu) for n in tree.nodes) == sum(isinstance(n, ir.Relu) for n in ann.nodes) + 3
+    x = make_inputs(ann, 16) - 0.5  # currents of both signs into the pool
+    np.testing.assert_allclose(run_ann(tree, x), run_ann(ann, x), atol=1e-5)
+    padded = make_fixed_point_ann(0, "stem_maxpool")
+    pool = padded.node("pool1")
+    pool.kernel, pool.stride, pool.padding = (3, 3), (2, 2), (1, 1, 1, 1)
+    padded.infer_shapes()
+    kept = replace_maxpool(padded, "relu")
+    assert any(isinstance(n, ir.MaxPool2d) for n in kept.nodes)
+    thresholds = compute_thresholds(kept, ThresholdSpec("percentile", 99.9, per_channel=True), [x], len(x), "cpu")
+    with pytest.raises(ToolchainError, match="pool1.*padded max-pool only over spikes"):
+        convert(kept, thresholds, ConversionOptions(maxpool="relu"))

@@ -59,7 +59,7 @@ def test_importing_the_lava_target_without_lava_fails_with_one_clear_line():
 @pytest.mark.parametrize(
     "variant, samples, steps",
     [("basic", 3, 12), ("odd", 2, 10), ("residual", 2, 10), ("concat", 2, 10), ("depthwise", 2, 10), ("wide", 2, 10)]
-    + [("maxpool", 2, 10), ("concat_maxpool", 2, 10)],
+    + [("maxpool", 2, 10), ("concat_maxpool", 2, 10), ("stem_maxpool", 2, 10)],
 )
 @needs_lava
 def test_lava_is_spike_exact_with_the_emulator(variant, samples, steps):

@@ -92,7 +92,7 @@ def _quiet_calibration(caplog):
     caplog.set_level(logging.ERROR, logger="toolchain.passes.calibrate")
 
 
-DAG_VARIANTS = ["residual", "concat", "depthwise", "wide", "maxpool", "concat_maxpool"]
+DAG_VARIANTS = ["residual", "concat", "depthwise", "wide", "maxpool", "concat_maxpool", "stem_maxpool"]
 
 
 @pytest.mark.parametrize("variant", ["basic", "odd", *DAG_VARIANTS])
@@ -140,7 +140,7 @@ def test_fixed_point_predictions_are_close_to_the_float_snn():
     steps = 32
     agreements, errors = [], []
     nets = (("basic", 0), ("basic", 2), ("odd", 0), ("residual", 0), ("concat", 1), ("depthwise", 0), ("maxpool", 0),
-            ("concat_maxpool", 0))  # fmt: skip
+            ("concat_maxpool", 0), ("stem_maxpool", 0))  # fmt: skip
     for variant, seed in nets:
         snn = make_snn(seed, variant)
         x = make_inputs(snn, 48)

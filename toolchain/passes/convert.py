@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +47,10 @@ def replace_maxpool(graph: ir.Graph, policy: str) -> ir.Graph:
     pools = [n for n in graph.nodes if isinstance(n, ir.MaxPool2d)]
     if not pools:
         return graph
-    if policy in ("spiking", "relu"):  # both keep the ANN's max-pool (convert builds the SNN's)
+    if policy == "spiking":  # keeps the ANN's max-pool (convert builds the SNN's)
         return pool_after_activation(graph)
+    if policy == "relu":  # max-pools over spikes stay (convert builds their trees); others become ANN trees
+        return relu_trees_over_currents(pool_after_activation(graph))
     if policy == "error":
         raise ToolchainError(
             f"node {pools[0].name!r} (MaxPool): max pooling refused by {option('maxpool', 'error')}; "
@@ -128,11 +131,14 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
             theta = spike_thresholds({n.name: n for n in nodes}, node.inputs[0])
             if theta is None:
                 raise ToolchainError(
-                    f"node {node.name!r} (MaxPool): {option('maxpool', 'relu')} needs spikes to compare: a ReLU, or a "
-                    f"channel Concat of ReLUs, directly before the max-pool; use {option('maxpool', 'avg')} (average "
-                    f"pooling, changes the ANN) or {option('maxpool', 'spiking')} (float targets only) for this model"
+                    f"node {node.name!r} (MaxPool): {option('maxpool', 'relu')} builds a padded max-pool only over spikes "
+                    f"(a ReLU, or a channel Concat of ReLUs, directly before it); use {option('maxpool', 'avg')} "
+                    f"(average pooling, changes the ANN) or {option('maxpool', 'spiking')} (float targets only) for this model"
                 )
-            nodes.extend(relu_maxpool(node, theta, fraction))
+            def spiking(name: str, inputs: list[str], shape: ir.Shape, theta: np.ndarray = theta) -> ir.Node:
+                return ir.IFNeuron(name, inputs, shape, threshold=theta, v0=theta * fraction)
+
+            nodes.extend(relu_maxpool(node, len(theta), spiking))
         else:
             nodes.append(copy.deepcopy(node))
     readout = ir.Readout(f"{ann.output}/readout", [ann.output], ann.shape_of(ann.output))
@@ -146,24 +152,50 @@ def convert(ann: ir.Graph, thresholds: Thresholds, options: ConversionOptions | 
     return ir.Graph(ann.input_name, ann.input_shape, nodes, readout.name, copy.deepcopy(ann.preprocess), meta)
 
 
-def spike_thresholds(nodes: dict[str, ir.Node], name: str) -> np.ndarray | None:
-    """Per-channel thresholds (C,) of value `name` if it is spikes, else None: an IF layer's output,
-    or a channel concatenation of spike values (Inception, SqueezeNet and DenseNet blocks end so)."""
+def _activation_parts(nodes: dict[str, ir.Node], name: str) -> list[ir.Node] | None:
+    """The activations (IF layers, or ANN ReLUs) whose outputs value `name` is: one, or the parts of a
+    channel Concat of such (Inception, SqueezeNet and DenseNet blocks end so); None if it is not."""
     node = nodes.get(name)
-    if isinstance(node, ir.IFNeuron):
-        return np.broadcast_to(np.asarray(node.threshold, np.float32).reshape(-1), (int(node.shape[0]),)).copy()
+    if isinstance(node, (ir.IFNeuron, ir.Relu)):
+        return [node]
     if isinstance(node, ir.Concat):
-        parts = [spike_thresholds(nodes, part) for part in node.inputs]
-        return None if any(p is None for p in parts) else np.concatenate(parts)  # type: ignore[arg-type]
+        parts = [_activation_parts(nodes, part) for part in node.inputs]
+        return None if any(p is None for p in parts) else [n for p in parts for n in p]  # type: ignore[union-attr]
     return None
 
 
-def relu_maxpool(pool: ir.MaxPool2d, theta: np.ndarray, fraction: float) -> list[ir.Node]:
-    """The max-pool over spikes with per-channel thresholds `theta` as IF neurons and linear ops:
+def spike_thresholds(nodes: dict[str, ir.Node], name: str) -> np.ndarray | None:
+    """Per-channel thresholds (C,) of value `name` if it is spikes (IF layers' outputs), else None."""
+    parts = _activation_parts(nodes, name)
+    if parts is None or not all(isinstance(n, ir.IFNeuron) for n in parts):
+        return None
+    return np.concatenate(
+        [np.broadcast_to(np.asarray(n.threshold, np.float32).reshape(-1), (int(n.shape[0]),)) for n in parts]  # type: ignore[attr-defined]
+    )
+
+
+def relu_trees_over_currents(graph: ir.Graph) -> ir.Graph:
+    """Each max-pool over a value that is not spikes (a conv or batch norm with no ReLU before it, as
+    in a stem `max_pool2d(conv(x))`) rewritten in the ANN as its ReLU tree, max(a, b) = b + relu(a - b):
+    exact, and its ReLUs then get thresholds from data and calibration like any other.
+    Padded pools are left (their padding is -inf, a one-hot conv's is 0): convert refuses them by name."""
+    nodes = {n.name: n for n in graph.nodes}
+    rewritten: list[ir.Node] = []
+    for node in graph.nodes:
+        if isinstance(node, ir.MaxPool2d) and _activation_parts(nodes, node.inputs[0]) is None and not any(node.padding):
+            rewritten.extend(relu_maxpool(node, int(node.shape[0]), lambda name, inputs, shape: ir.Relu(name, inputs, shape)))
+        else:
+            rewritten.append(node)
+    if len(rewritten) == len(graph.nodes):
+        return graph
+    return ir.Graph(graph.input_name, graph.input_shape, rewritten, graph.output, graph.preprocess, graph.meta)
+
+
+def relu_maxpool(pool: ir.MaxPool2d, channels: int, activation: Callable[[str, list[str], ir.Shape], ir.Node]) -> list[ir.Node]:
+    """The max-pool as `activation` nodes (IF neurons over spikes, or ANN ReLUs) and linear ops:
     max(a, b) = b + relu(a - b).
 
     The last node keeps the pool's name (and shape), so its consumers are unchanged."""
-    channels = len(theta)
     kh, kw = pool.kernel
     made: list[ir.Node] = []
     partial: list[str] = []
@@ -188,7 +220,7 @@ def relu_maxpool(pool: ir.MaxPool2d, theta: np.ndarray, fraction: float) -> list
                 ir.ScaleShift(f"{tag}/neg", [second], pool.shape, scale=-np.ones(channels, np.float32),
                               shift=np.zeros(channels, np.float32)),
                 ir.Add(f"{tag}/diff", [first, f"{tag}/neg"], pool.shape),
-                ir.IFNeuron(f"{tag}/relu", [f"{tag}/diff"], pool.shape, threshold=theta, v0=theta * fraction),
+                activation(f"{tag}/relu", [f"{tag}/diff"], pool.shape),
                 ir.Add(pool.name if last else tag, [second, f"{tag}/relu"], pool.shape),
             ]
             merged.append(made[-1].name)

@@ -320,8 +320,8 @@ def _channel_map(ops: list[Any], channels: int) -> tuple[np.ndarray, np.ndarray,
 
 def _compose(first: ir.Conv2d, second: ir.Conv2d, in_shape: Shape) -> ir.Conv2d | None:
     """Two convolutions in a row as one (linear parts only), where that is exact: None when the
-    second one's zero padding would stand for input cells the first one reads (a first conv whose
-    windows overlap its padding or leave a remainder), or the first one dilates."""
+    second one's zero padding would stand for input cells the first one reads (a padded second conv
+    after a first whose windows overlap its padding or leave a remainder), or the first one dilates."""
     if tuple(first.dilation) != (1, 1):
         return None
     c_in, h, w = in_shape
@@ -329,7 +329,8 @@ def _compose(first: ir.Conv2d, second: ir.Conv2d, in_shape: Shape) -> ir.Conv2d 
     k1h, k1w = first.weight.shape[2:]
     s1h, s1w = first.stride
     t1, l1, b1, r1 = first.padding
-    if k1h - 1 - s1h - t1 >= 0 or k1w - 1 - s1w - l1 >= 0 or s1h * h1 - t1 < h or s1w * w1 - l1 < w:
+    overlapping = k1h - 1 - s1h - t1 >= 0 or k1w - 1 - s1w - l1 >= 0 or s1h * h1 - t1 < h or s1w * w1 - l1 < w
+    if any(second.padding) and overlapping:  # without padding the second reads only cells the first computed
         return None
     w1_full = _ungroup(np.asarray(first.weight, np.float64), first.groups)  # (mid, c_in, k1h, k1w)
     w2_full = _ungroup(np.asarray(second.weight, np.float64), second.groups)  # (out, mid, k2h, k2w)
