@@ -4,7 +4,9 @@ Plain-torch Fashion-MNIST models written the way other people write them (no pro
 them): a torchvision-style ResNet (BasicBlock with `F.relu`, identity and 1x1-conv+BN
 shortcuts), a DenseNet/Inception-style net (`torch.cat` of a block's input with its output,
 and of parallel branches), a MobileNet-style net (depthwise + pointwise convs, BN after the
-ReLU), and max-pooling LeNet- and VGG-style nets; and the same ResNet on CIFAR-10. Each is trained briefly (seeded Adam,
+ReLU), max-pooling LeNet- and VGG-style nets, the PyTorch MNIST example's layout (max pool before
+its ReLU) and a DenseNet-style net whose stem conv is max-pooled with no ReLU before it; and the
+same ResNet on CIFAR-10. Each is trained briefly (seeded Adam,
 one thread), exported with `torch.onnx.export(model, x, path, dynamo=False)` and its defaults, and built by the
 command a user runs:
 
@@ -151,6 +153,45 @@ class LeNet(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+class MnistExample(nn.Module):
+    """The PyTorch MNIST example's layout: the pool before its ReLU, F.relu(F.max_pool2d(conv(x), 2)),
+    dropout (inactive once exported for inference), log_softmax out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)
+        self.conv2 = nn.Conv2d(10, 20, 5)
+        self.drop = nn.Dropout2d()
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.drop(self.conv2(x)), 2))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class DenseStem(nn.Module):
+    """DenseNet-style: a stem conv max-pooled with no ReLU before the pool, pre-activation dense layers
+    (BN-ReLU-conv, output concatenated to the input), BN-ReLU, global average pool, fc."""
+
+    def __init__(self, growth: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bns = nn.ModuleList([nn.BatchNorm2d(16 + k * growth) for k in range(3)])
+        self.convs = nn.ModuleList([nn.Conv2d(16 + k * growth, growth, 3, padding=1, bias=False) for k in range(3)])
+        self.bn = nn.BatchNorm2d(16 + 3 * growth)
+        self.fc = nn.Linear(16 + 3 * growth, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.stem(x), 2)
+        for bn, conv in zip(self.bns, self.convs, strict=True):
+            x = torch.cat([x, conv(F.relu(bn(x)))], 1)
+        x = F.relu(self.bn(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 def vgg() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
@@ -172,6 +213,10 @@ MODELS: dict[str, tuple[Any, str, bool, str]] = {
     "vgg_max": (vgg, "VGG-style: conv-BN-ReLU x2, max pool, conv-BN-ReLU, max pool, fc-ReLU-fc", True,
                 "fashion-mnist"),
     "resnet_cifar10": (lambda: ResNet(3), RESNET + "; 3x32x32 input", False, "cifar10"),
+    "mnist_example_max": (MnistExample, "the PyTorch MNIST example: 2x (conv 5x5, max pool 2, then ReLU), dropout, "
+                          "2 fc, log_softmax", True, "fashion-mnist"),
+    "dense_stem_max": (DenseStem, "stem conv, max pool 2 (no ReLU before it), 3 dense layers (BN-ReLU-conv, "
+                       "concatenated), BN-ReLU, GAP, fc", True, "fashion-mnist"),
 }  # fmt: skip
 DATA_NAMES = {"fashion-mnist": "FMNIST", "cifar10": "CIFAR10"}
 
