@@ -78,11 +78,14 @@ def pool_after_activation(graph: ir.Graph) -> ir.Graph:
     nodes = list(graph.nodes)
     output = graph.output
     changed = False
-    for pool in [n for n in nodes if isinstance(n, ir.MaxPool2d)]:
+    for pool_name in [n.name for n in nodes if isinstance(n, ir.MaxPool2d)]:
+        pool = next(n for n in nodes if n.name == pool_name)  # by name: an earlier move may have copied it
         after = [n for n in nodes if pool.name in n.inputs]
         if len(after) != 1 or not isinstance(after[0], ir.Relu) or pool.name == output:
             continue
         if pool.inputs[0] == graph.input_name:  # an IF layer needs a synapse before it
+            continue
+        if _activation_parts({n.name: n for n in nodes}, pool.inputs[0]) is not None:  # it pools spikes already
             continue
         act = after[0]
         moved_act = copy.deepcopy(act)
@@ -91,9 +94,9 @@ def pool_after_activation(graph: ir.Graph) -> ir.Graph:
         moved_pool.inputs = [act.name]
         rest = []
         for node in nodes:
-            if node is act:
+            if node.name == act.name:
                 continue
-            if node is pool:
+            if node.name == pool.name:
                 rest += [moved_act, moved_pool]
                 continue
             if act.name in node.inputs:
