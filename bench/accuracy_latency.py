@@ -49,8 +49,10 @@ FITTED_EACH_T = {"optimal": {"v0": "optimal"}, "calibrated": {"v0": "half", "cal
 
 
 def fitted_flags(mode: str) -> str:
-    """FITTED_EACH_T[mode] as the build's command-line flags (each row also fits v0 at its T: --v0-T T)."""
-    return " ".join([f"--{key} {value}" for key, value in FITTED_EACH_T[mode].items()] + ["--v0-T T"])
+    """FITTED_EACH_T[mode] as the build's command-line flags (a fitted v0 is fitted at the row's T: --v0-T T)."""
+    options = FITTED_EACH_T[mode]
+    flags = [f"--{key} {value}" for key, value in options.items()]
+    return " ".join(flags + (["--v0-T T"] if options.get("v0") == "optimal" else []))
 
 
 def run(args: argparse.Namespace) -> dict:

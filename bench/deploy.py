@@ -55,10 +55,6 @@ MODELS = {
     "cifar10_fast64_clip": (ROOT / "models" / "zoo" / "cifar10_fast64_clip.onnx", SHARED / "cifar10"),
     "cifar10_air64_clip": (ROOT / "models" / "zoo" / "cifar10_air64_clip.onnx", SHARED / "cifar10"),
 }
-# --method (a key of FITTED_EACH_T) -> the build options it sets besides -T, as bench/accuracy_latency.py's
-# rows fitted at each T: the fitted initial potentials of every layer (v0 only), or the latency
-# calibration of every layer's thresholds and v0.
-
 
 def lava_validate() -> Any:
     """`toolchain.validate.validate`, or None where Lava cannot run (not Python 3.10, not installed)."""
@@ -151,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--steps", default="8,16", help="comma-separated T (default 8,16)")
+    # --method: the build options besides -T of bench/accuracy_latency.py's rows fitted at each T: the
+    # fitted initial potentials of every layer (v0 only), or the latency calibration of thresholds and v0.
     parser.add_argument(
         "--method", choices=sorted(FITTED_EACH_T), default="optimal",
         help=f"how the build fits the SNN at T: {'; '.join(f'{m}: {fitted_flags(m)}' for m in FITTED_EACH_T)}",

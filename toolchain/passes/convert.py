@@ -186,7 +186,7 @@ def relu_trees_over_currents(graph: ir.Graph) -> ir.Graph:
     rewritten: list[ir.Node] = []
     for node in graph.nodes:
         if isinstance(node, ir.MaxPool2d) and _activation_parts(nodes, node.inputs[0]) is None and not any(node.padding):
-            rewritten.extend(relu_maxpool(node, int(node.shape[0]), lambda name, inputs, shape: ir.Relu(name, inputs, shape)))
+            rewritten.extend(relu_maxpool(node, int(node.shape[0]), ir.Relu))
         else:
             rewritten.append(node)
     if len(rewritten) == len(graph.nodes):
