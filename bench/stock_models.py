@@ -17,7 +17,11 @@ does, once per latency budget T, with `--calib-size` training images:
   +bias        `--calibrate weight,threshold,bias,v0`
 
 The float SNN (torch target) and the ANN (onnxruntime) run on the first `--limit` test
-images; each budget-T build is also evaluated at T/2 and 2T (does fitting for T wreck its
+images; with `--fixed-budgets`, `auto` is also built for a fixed-point target at those T
+(`--target loihi`: the same calibration, told which thresholds the fixed-point mapping can
+hold) and that build's float SNN and fixed-point SNN (the emulator, which Lava matches spike
+for spike) run side by side, to show whether the fixed point keeps the calibration's gain.
+Each budget-T build is also evaluated at T/2 and 2T (does fitting for T wreck its
 neighbours?). SpikingJelly's `ann2snn.Converter` (modes max, 99.9 %, 99.99 %, and 0.5 / 0.25
 of the max; the best mode at each T is reported, chosen on the same test images, which
 favours the peer) runs the same ONNX model through onnx2torch on the same images; it needs
@@ -51,7 +55,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import describe_machine, write_results  # noqa: E402
 
-from toolchain.backends import open_target  # noqa: E402
+from toolchain.backends import get_target, open_target  # noqa: E402
 from toolchain.build import BuildOptions, build  # noqa: E402
 from toolchain.data import Dataset, load_dataset  # noqa: E402
 from toolchain.evaluate import evaluate  # noqa: E402
@@ -110,6 +114,19 @@ def snn_accuracy(model: Path, options: dict[str, Any], budget: int, test: Datase
             "calibration_cpu_seconds": calibration.get("cpu_seconds"),
             "calibration_samples": calibration.get("samples"), "ann": run.ann_accuracy()}  # fmt: skip
     return run.snn_accuracy(), seconds, info
+
+
+def fixed_point_accuracy(model: Path, budget: int, test: Dataset, args: argparse.Namespace) -> dict[str, float]:
+    """`auto` built for the loihi target at `budget`: its float SNN and its fixed-point SNN at `budget` steps."""
+    result = build(BuildOptions(model=model, target="loihi", calib=args.calib_path, calib_size=args.calib_size,
+                                steps=budget, device=args.device))  # fmt: skip
+    accuracy = {}
+    for kind, target in (("float", open_target("torch", None, args.device)),
+                         ("fixed", get_target("loihi", fixed=result.fixed, device=args.device))):  # fmt: skip
+        target.prepare(result.snn)
+        run = evaluate(target, test, result.snn.preprocess, result.snn.input_shape, [budget], 250, None, progress=False)
+        accuracy[kind] = run.snn_accuracy()[budget]
+    return accuracy
 
 
 def spikingjelly_accuracy(model: Path, train: Dataset, test: Dataset, calib_size: int) -> dict[str, Any] | None:
@@ -196,6 +213,15 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{100 * (near[k] - model['ann']):+.2f}" if k in near else "" for k in (str(t // 2), str(t), str(2 * t))
             )
             lines.append(f"| {name} | {t} | {cells} | {row['seconds'].get(str(t), '')} |")
+    if any(model.get("fixed") for model in result["models"].values()):
+        lines += ["", "Fixed point: `auto` built with `--target loihi` for T (its calibration knows which thresholds the "
+                  "fixed-point mapping holds), that build's float SNN beside its fixed-point SNN (the emulator, which "
+                  "Lava runs spike for spike), same test images:", "",
+                  "| model | T | float SNN | fixed point | fixed - float |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, model in result["models"].items():
+            for t, row in (model.get("fixed") or {}).items():
+                lines.append(f"| {name} | {t} | {100 * row['float']:.2f} | {100 * row['fixed']:.2f} | "
+                             f"{100 * (row['fixed'] - row['float']):+.2f} |")  # fmt: skip
     flags = "; ".join(f"{k}: `{v}`" for k, v in FLAGS.items() if k in result["settings"])
     history = " `threshold,v0` was `auto` before the weight refit joined it." if "threshold,v0" in result["settings"] else ""
     lines += ["", f"Methods: {flags}.{history}", "",
@@ -219,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[8, 32],
         help="T values for threshold, bias and +v0 (the slow part of the bench)",
     )
+    parser.add_argument("--fixed-budgets", type=int, nargs="*", default=[], help="T values at which `auto` is also "
+                        "built for fixed point and run in the emulator beside its float SNN")
     parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--calib-size", type=int, default=1000)
@@ -271,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                     _write(args, result, started, partial=True)
             entry["methods"][setting] = row
             print(json.dumps({"model": name, "setting": setting, **row}), flush=True)
+        for t in args.fixed_budgets:
+            entry.setdefault("fixed", {})[str(t)] = fixed_point_accuracy(model, t, test, args)
+            print(json.dumps({"model": name, "fixed_budget": t, **entry["fixed"][str(t)]}), flush=True)
+            _write(args, result, started, partial=True)
         if not args.no_spikingjelly:
             entry["spikingjelly"] = spikingjelly_accuracy(model, train, test, args.calib_size)
             print(
