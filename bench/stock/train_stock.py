@@ -2,7 +2,8 @@
 
 Deliberately independent of this project (no `models`, `exporters` or `toolchain`
 imports): its own IDX reader, plain torch modules written as one usually writes them
-(functional `F.relu`, `torch.cat`, ReLU6, identity and 1x1-conv shortcuts, max pooling),
+(functional `F.relu`, `torch.cat`, ReLU6, identity and 1x1-conv shortcuts, max pooling,
+pre-activation blocks, inception branches, batch norm after ReLU, input normalisation inside),
 Adam with cosine decay, and the default `torch.onnx.export` (no metadata, no names beyond
 the defaults). Input: pixels / 255. A JSON beside each ONNX records the test accuracy.
 
@@ -162,7 +163,97 @@ class DenseNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-MODELS = {"resnet": ResNet, "vgg": VGG, "mobilenet": MobileNet, "densenet": DenseNet}
+class Normalize(nn.Module):
+    """transforms.Normalize folded into the model, as many export scripts do: the ONNX takes pixels / 255."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.full((1, channels, 1, 1), 0.45))
+        self.register_buffer("std", torch.full((1, channels, 1, 1), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class PreActBlock(nn.Module):
+    """He et al.'s pre-activation block: BN-ReLU-conv twice, the sum not followed by a ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, channels: int = 1, side: int = 28, width: int = 16) -> None:
+        super().__init__()
+        self.normalize = Normalize(channels)
+        self.conv = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        self.layers = nn.Sequential(PreActBlock(width, width, 1), PreActBlock(width, 2 * width, 2),
+                                    PreActBlock(2 * width, 4 * width, 2))  # fmt: skip
+        self.bn = nn.BatchNorm2d(4 * width)
+        self.fc = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.layers(self.conv(self.normalize(x)))))
+        return self.fc(F.avg_pool2d(x, x.shape[-1]).view(x.size(0), -1))
+
+
+class Inception(nn.Module):
+    """GoogLeNet-style module: 1x1, 1x1-3x3 and 3x3-max-pool-1x1 branches, concatenated."""
+
+    def __init__(self, cin: int, ones: int, threes: int, pooled: int) -> None:
+        super().__init__()
+
+        def unit(a: int, b: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(a, b, k, padding=k // 2), nn.BatchNorm2d(b), nn.ReLU()]
+
+        self.b1 = nn.Sequential(*unit(cin, ones, 1))
+        self.b2 = nn.Sequential(*unit(cin, threes, 1), *unit(threes, threes, 3))
+        self.b3 = nn.Sequential(nn.MaxPool2d(3, 1, 1), *unit(cin, pooled, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x)], dim=1)
+
+
+class InceptionNet(nn.Module):
+    def __init__(self, channels: int = 1, side: int = 28) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.i1, self.i2 = Inception(32, 16, 24, 8), Inception(48, 24, 32, 8)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.i1(F.max_pool2d(self.stem(x), 2)), 2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.i2(x), 1), 1))
+
+
+class VGGBNAfterReLU(nn.Module):
+    """conv-ReLU-BN (batch norm after the activation), average pooling, dropout, two linear layers."""
+
+    def __init__(self, channels: int = 1, side: int = 28) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout, pool in ((channels, 32, False), (32, 32, True), (32, 64, False), (64, 64, True)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(cout)]
+            layers += [nn.AvgPool2d(2)] if pool else []
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * (side // 4) ** 2, 128), nn.ReLU(),
+                                        nn.Linear(128, 10))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS = {"resnet": ResNet, "vgg": VGG, "mobilenet": MobileNet, "densenet": DenseNet,
+          "preact": PreActResNet, "inception": InceptionNet, "vgg_bn_after": VGGBNAfterReLU}  # fmt: skip
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
