@@ -193,3 +193,22 @@ def test_fixed_point_keeps_what_the_calibration_fitted():
         fixed = _readout(result.snn, x, steps, "loihi", fixed=result.fixed).argmax(-1)
         agreement[name] = float(np.mean(floating == fixed))
     assert agreement["auto"] >= agreement["none"] - 0.02, agreement
+
+
+
+def test_max_pool_trees_follow_the_calibrated_thresholds_of_the_spikes_they_compare():
+    """`--maxpool relu` builds each pool as IF neurons over the source's spikes, with the source's
+    thresholds. Calibration lowers those thresholds; the tree's IF layers (which have no ANN
+    counterpart to fit) must take the lowered ones, or they quantise differences more coarsely."""
+    data = shared_data("fashion-mnist")
+    result = build_snn(BuildOptions(model=LENET, calib=data, calib_size=128, steps=8, device="cpu", maxpool="relu"))
+    snn, ann_names = result.snn, {n.name for n in result.ann.nodes}
+    fitted = result.log["latency_calibration"]["layers"]
+    trees = [n for n in snn.nodes if isinstance(n, ir.IFNeuron) and n.name not in ann_names]
+    assert trees
+    for tree in trees:
+        pool = tree.name.split("/max")[0]
+        source = snn.node(snn.node(f"{pool}/cell0_0").inputs[0])
+        assert fitted[source.name]["threshold_scale_mean"] < 1  # the source's thresholds were lowered at T=8
+        np.testing.assert_array_equal(tree.threshold, source.threshold)
+        np.testing.assert_allclose(tree.v0, tree.threshold / 2, rtol=1e-6)

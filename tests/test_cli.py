@@ -90,6 +90,12 @@ def test_a_build_far_below_its_ann_says_what_to_try(tmp_path):
                       "--threshold", "p99.99")  # fmt: skip
     assert tried.returncode == 0, tried.stderr
     assert "hint: " not in tried.stdout  # the advice works: 98.64 % at T=2 (ANN 99.02 %)
+    # Calibrated for T=2 (the --calib build), it also says how that network does at T/2 and 2T.
+    assert "calibrated for" not in lagging.stdout
+    near = [line for line in tried.stdout.splitlines() if "calibrated for T=2, at T=1 / 4:" in line]
+    assert len(near) == 1, tried.stdout
+    at_one, at_four = (float(v) for v in near[0].split(":")[1].rstrip(" %").split(" / "))
+    assert 0 <= at_one < at_four <= 100
 
 
 def test_a_channels_last_model_builds_for_loihi_and_its_ann_reads_the_same_images(tmp_path):

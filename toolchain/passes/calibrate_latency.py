@@ -28,6 +28,9 @@ it as already calibrated), so that errors of earlier layers are corrected, not c
              does not overfit. It runs before the layer's threshold and v0 fit, which then see
              the corrected current.
 
+The IF layers of a `--maxpool relu` tree have no ANN counterpart: they take the calibrated
+thresholds of the spikes they compare (the conversion's rule, kept after calibration).
+
 Per-step corrections (FTBC, ECCV 2024) are not offered: a Loihi neuron has one constant
 bias, so a bias that changes with the step would need extra input neurons per layer.
 
@@ -51,6 +54,7 @@ from toolchain.core import ir
 from toolchain.core.interpreter import OPS, CompiledNode, TorchExecutor, channel_view, if_scan
 from toolchain.errors import ToolchainError, option
 from toolchain.passes.calibrate import V0_MEMORY_BUDGET, _correct_channel_means, _search_fraction, v0_samples
+from toolchain.passes.convert import spike_thresholds
 from toolchain.passes.quantize import populations, row_raise, unit_threshold_peaks
 
 log = logging.getLogger(__name__)
@@ -166,6 +170,8 @@ def calibrate_for_latency(
                         ann_values.pop(name, None)
             if node.name in refit and target is not None and args[0].shape[0] > 1:  # fed by spikes
                 _refit_synapse(compiled, args[0].mean(dim=0), target[0], report)
+            if isinstance(node, ir.IFNeuron) and node.name not in ann_by_name:
+                _follow_compared_spikes(snn, compiled)
             if isinstance(node, ir.IFNeuron) and node.name in layers and target is not None:
                 args = [_calibrate_layer(snn, compiled, args[0], target[0], steps, methods, report, row_ratio,
                                          fixed_populations)]  # fmt: skip
@@ -276,6 +282,34 @@ def _calibrate_layer(
     )
     report.layers[node.name] = row
     return current
+
+
+def _follow_compared_spikes(snn: ir.Graph, compiled: CompiledNode) -> None:
+    """An IF layer with no ANN counterpart is one of a max-pool tree's (`convert.relu_maxpool`): its
+    threshold is that of the spikes it compares, so that relu(a - b) <= a never clips. Calibration may
+    have lowered the source's threshold since conversion: the tree follows, else it would quantise the
+    differences more coarsely than the source quantises its values."""
+    nodes = {n.name: n for n in snn.nodes}
+    stack, seen = list(compiled.node.inputs), set()
+    while stack:  # up through the tree's cells (one-hot convs), negations and sums to the first spikes
+        name = stack.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        theta = spike_thresholds(nodes, name)
+        if theta is not None:
+            break
+        if isinstance(nodes[name], (ir.Conv2d, ir.Add, ir.ScaleShift)):
+            stack.extend(nodes[name].inputs)
+    else:
+        return
+    node: ir.IFNeuron = compiled.node  # type: ignore[assignment]
+    old = compiled.tensors["threshold"].expand(len(theta))
+    fraction = compiled.tensors["v0"].expand(len(theta)) / old
+    compiled.tensors["threshold"] = torch.as_tensor(theta, dtype=old.dtype, device=old.device)
+    compiled.tensors["v0"] = compiled.tensors["threshold"] * fraction
+    node.threshold = theta.astype(np.float32)
+    node.v0 = compiled.tensors["v0"].cpu().numpy().astype(np.float32)
 
 
 def _neurons_beside(snn: ir.Graph, name: str, downstream: bool) -> list[ir.Node]:
