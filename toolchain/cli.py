@@ -275,9 +275,9 @@ def _check_build(args: argparse.Namespace, out: Path, result: Any, fixed: Any, t
         print(f"  SNN fixed point (loihi)  {100 * runs['loihi'].snn_accuracy()[args.steps]:6.2f} %")
     if result.log.get("latency_calibration"):  # fitted for T: does it hold at T/2 and 2T? (a plain run: no spike maps)
         near = sorted({max(1, args.steps // 2), 2 * args.steps} - {args.steps})
-        target = get_target("torch", device=args.device)
-        target.prepare(graph)
-        accuracy = evaluate(target, test, preprocess, graph.input_shape, near, args.batch_size, None,
+        plain = get_target("torch", device=args.device)
+        plain.prepare(graph)
+        accuracy = evaluate(plain, test, preprocess, graph.input_shape, near, args.batch_size, None,
                             label=f"torch T={'/'.join(map(str, near))}").snn_accuracy()  # fmt: skip
         print(f"  SNN float, calibrated for T={args.steps}, at T={' / '.join(map(str, near))}: "
               + " / ".join(f"{100 * accuracy[t]:.2f}" for t in near) + " %")
