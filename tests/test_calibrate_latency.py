@@ -195,7 +195,6 @@ def test_fixed_point_keeps_what_the_calibration_fitted():
     assert agreement["auto"] >= agreement["none"] - 0.02, agreement
 
 
-
 def test_max_pool_trees_follow_the_calibrated_thresholds_of_the_spikes_they_compare():
     """`--maxpool relu` builds each pool as IF neurons over the source's spikes, with the source's
     thresholds. Calibration lowers those thresholds; the tree's IF layers (which have no ANN
